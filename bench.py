@@ -1,0 +1,170 @@
+"""
+Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of measured figures only.
+
+    python bench.py            GPT-2 shapes on a GPU (bf16)
+    python bench.py --cpu      small shapes, fp32, twins only (the default without CUDA)
+
+(a) per-token loss, forward + backward (grads of hidden and weight), .sum() as the upstream loss:
+    kernel | PyTorch eager (all logits materialized) | torch.compile of the eager code | Liger-Kernel (CE)
+(b) Fisher diagonal and per-sample grad norms of GPT-2 124M's linears, 32 sequences x 200 tokens:
+    kernel | torch.func vmap(grad) (all per-sample gradients materialized) | squared mini-batch gradient
+    (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
+(c) end-to-end: left to the lead (hook below).
+Time: median over --repeats runs after one warm-up run (which also compiles). Memory: peak GPU memory
+allocated during one run above what was allocated before it; on the CPU it is not measured ("n/a").
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+# ----------------------------------------------------------------------------- measuring
+
+def measure(fn, repeats, cuda):
+    """(median ms, peak extra MiB or None) of fn(); 'OOM' as the time if it runs out of GPU memory."""
+    try:
+        fn()  # warm-up: Triton / torch.compile compile here
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - t0))
+        mem = None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return statistics.median(times), mem
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM", None
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+def fmt(ms, mem):
+    ms = ms if isinstance(ms, str) else f"{ms:.2f}"
+    return ms, "n/a" if mem is None else f"{mem:.0f}"
+
+# ----------------------------------------------------------------------------- (a) loss
+
+def eager_loss(hidden, weight, targets, loss):
+    """The plain PyTorch way: all N x V logits at once."""
+    z = (hidden @ weight.T).float()
+    if loss == "ce":
+        return F.cross_entropy(z, targets, reduction="none")
+    p = z.softmax(-1)
+    top = p.topk(2, -1)  # the runner-up is the best token that is not the target
+    p_r = torch.where(top.indices[:, 0] == targets, top.values[:, 1], top.values[:, 0])
+    return 1 + p.gather(1, targets[:, None])[:, 0] - p_r
+
+
+def bench_loss(shapes, dtype, dev, repeats, cuda):
+    print("\n### (a) per-token loss, forward + backward\n")
+    row("loss", "N", "H", "V", "method", "time (ms)", "peak extra (MiB)")
+    row(*["---"] * 7)
+    compiled = torch.compile(eager_loss)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    except Exception as e:  # noqa: BLE001 (not installed, or no GPU)
+        liger, why = None, f"{type(e).__name__}: {e}"
+    for N, H, V in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        hidden = torch.randn(N, H, device=dev, generator=g).to(dtype).requires_grad_()
+        weight = (0.02 * torch.randn(V, H, device=dev, generator=g)).to(dtype).requires_grad_()
+        targets = torch.randint(0, V, (N,), device=dev, generator=g)
+        for loss in ("ce", "ih"):
+            methods = {("Triton kernel" if cuda else "twin (chunked)"): lambda: kernels.linear_loss(hidden, weight, targets, loss),
+                       "eager": lambda: eager_loss(hidden, weight, targets, loss),
+                       "torch.compile": lambda: compiled(hidden, weight, targets, loss)}
+            if loss == "ce" and liger is not None and cuda:
+                methods["Liger FLCE"] = lambda: liger(weight, hidden, targets)
+            for name, f in methods.items():
+                def step():
+                    f().sum().backward()
+                    hidden.grad = weight.grad = None  # the grads count in the peak, not in the baseline
+                row(loss, N, H, V, name, *fmt(*measure(step, repeats, cuda)))
+        del hidden, weight, targets
+    if liger is None or not cuda:
+        print(f"\nLiger-Kernel not run: {why if liger is None else 'no CUDA'}")
+
+# ----------------------------------------------------------------------------- (b) Fisher
+
+GPT2_LINEARS = [("attn c_attn", 768, 2304), ("attn c_proj", 768, 768), ("mlp c_fc", 768, 3072), ("mlp c_proj", 3072, 768)]
+
+# HOOK (lead): time one plain forward + backward of the GPT-2 124M model on the same sequences x tokens
+# (e.g. measure(lambda: model(idx, targets)[1].backward(), repeats, cuda)[0]) and set it here; the table
+# then shows every Fisher time as a multiple of it.
+MODEL_FWD_BWD_MS = None
+
+
+def vmap_fisher(x, g):
+    """All N per-sample gradients at once with torch.func, then squared and summed."""
+    W = torch.zeros(g.shape[2], x.shape[2], device=x.device, dtype=torch.float32)
+    sample_loss = lambda W, xn, gn: ((xn.float() @ W.T) * gn.float()).sum()  # its grad is gnᵀ xn
+    G = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(W, x, g)
+    sq = G.square()
+    return sq.sum(0), sq.sum((1, 2))
+
+
+def minibatch_fisher(x, g):
+    """FILA's official estimate: the square of the summed (mini-batch) gradient."""
+    G = g.flatten(0, 1).float().T @ x.flatten(0, 1).float()
+    return G.square()
+
+
+def bench_fisher(n_seq, n_tok, n_layers, dtype, dev, repeats, cuda):
+    print(f"\n### (b) Fisher diagonal + per-sample norms, {n_seq} sequences x {n_tok} tokens\n")
+    row("linear", "in -> out", "layers", "method", "time (ms)", "peak extra (MiB)", "x model fwd+bwd")
+    row(*["---"] * 7)
+    methods = {("Triton kernel" if cuda else "twin (sample chunks)"): kernels.grad_sq,
+               "vmap(grad) materialized": vmap_fisher,
+               "squared mini-batch grad": minibatch_fisher}
+    g = torch.Generator(device=dev).manual_seed(0)
+    data = {}  # one x, g pair per layer and linear, as a real model has
+    for name, IN, OUT in GPT2_LINEARS:
+        data[name] = [(torch.randn(n_seq, n_tok, IN, device=dev, generator=g).to(dtype),
+                       torch.randn(n_seq, n_tok, OUT, device=dev, generator=g).to(dtype)) for _ in range(n_layers)]
+    ratio = lambda ms: "—" if MODEL_FWD_BWD_MS is None or isinstance(ms, str) else f"{ms / MODEL_FWD_BWD_MS:.2f}"
+    for method, f in methods.items():
+        for name, IN, OUT in GPT2_LINEARS:
+            x, gr = data[name][0]
+            ms, mem = measure(lambda: f(x, gr), repeats, cuda)
+            row(name, f"{IN} -> {OUT}", 1, method, *fmt(ms, mem), ratio(ms))
+        ms, mem = measure(lambda: [f(x, gr) for pairs in data.values() for x, gr in pairs], repeats, cuda)
+        row(f"all {len(GPT2_LINEARS)}", "", n_layers, method, *fmt(ms, mem), ratio(ms))
+
+# ----------------------------------------------------------------------------- main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU (the default without CUDA)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.cpu
+    if cuda:
+        dev, dtype = "cuda", torch.bfloat16
+        print(f"## {torch.cuda.get_device_name()}, bf16, GPT-2 shapes")
+        bench_loss([(8192, 768, 50257), (16384, 768, 50257), (8192, 2048, 50257), (16384, 2048, 50257)],
+                   dtype, dev, args.repeats, cuda)
+        bench_fisher(32, 200, 12, dtype, dev, args.repeats, cuda)
+    else:
+        dev, dtype = "cpu", torch.float32
+        print(f"## CPU, small shapes, twins only (Triton needs CUDA); fp32, {torch.get_num_threads()} threads")
+        bench_loss([(1024, 128, 8192)], dtype, dev, args.repeats, cuda)
+        bench_fisher(4, 64, 2, dtype, dev, args.repeats, cuda)
+    print("\n### (c) end-to-end\n\nHOOK (lead): not measured here yet.")
