@@ -9,12 +9,14 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
 (b) Fisher diagonal and per-sample grad norms of GPT-2 124M's linears, 32 sequences x 200 tokens:
     kernel | torch.func vmap(grad) (all per-sample gradients materialized) | squared mini-batch gradient
     (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
-(c) end-to-end: left to the lead (hook below).
+(c) end-to-end: unlearn.py's ih_flora (FILA's Fisher + unlearning loop) on the cached default target model,
+    with the kernels and with the twins swapped in (on a machine without CUDA only the twins run).
 Time: median over --repeats runs after one warm-up run (which also compiles). Memory: peak GPU memory
 allocated during one run above what was allocated before it; on the CPU it is not measured ("n/a").
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -106,10 +108,22 @@ def bench_loss(shapes, dtype, dev, repeats, cuda):
 
 GPT2_LINEARS = [("attn c_attn", 768, 2304), ("attn c_proj", 768, 768), ("mlp c_fc", 768, 3072), ("mlp c_proj", 3072, 768)]
 
-# HOOK (lead): time one plain forward + backward of the GPT-2 124M model on the same sequences x tokens
-# (e.g. measure(lambda: model(idx, targets)[1].backward(), repeats, cuda)[0]) and set it here; the table
-# then shows every Fisher time as a multiple of it.
-MODEL_FWD_BWD_MS = None
+MODEL_FWD_BWD_MS = None  # one plain forward + backward of the model on the same batch, set by model_fwd_bwd()
+
+
+def model_fwd_bwd(n_seq, n_tok, n_layers, vocab, dev, dtype, repeats, cuda):
+    """Time of one forward + backward of a GPT-2 124M-shaped model (n_layers blocks of width 768) on
+    n_seq x n_tok tokens with the summed CE loss: the unit the Fisher times are compared with."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=max(n_tok, 64), vocab_size=vocab, n_layer=n_layers, n_head=12, n_embd=768))
+    model.to(dev, dtype)
+    idx = torch.randint(0, vocab, (n_seq, n_tok + 1), device=dev)
+
+    def step():
+        h = model(idx[:, :-1])
+        kernels.linear_loss(h.flatten(0, 1), model.lm_head.weight, idx[:, 1:].flatten()).sum().backward()
+        model.zero_grad(set_to_none=True)
+    return measure(step, repeats, cuda)[0]
 
 
 def vmap_fisher(x, g):
@@ -139,6 +153,8 @@ def bench_fisher(n_seq, n_tok, n_layers, dtype, dev, repeats, cuda):
     for name, IN, OUT in GPT2_LINEARS:
         data[name] = [(torch.randn(n_seq, n_tok, IN, device=dev, generator=g).to(dtype),
                        torch.randn(n_seq, n_tok, OUT, device=dev, generator=g).to(dtype)) for _ in range(n_layers)]
+    if MODEL_FWD_BWD_MS is not None:
+        print(f"(one forward + backward of the whole model on these tokens: {MODEL_FWD_BWD_MS:.1f} ms)\n")
     ratio = lambda ms: "—" if MODEL_FWD_BWD_MS is None or isinstance(ms, str) else f"{ms / MODEL_FWD_BWD_MS:.2f}"
     for method, f in methods.items():
         for name, IN, OUT in GPT2_LINEARS:
@@ -147,6 +163,39 @@ def bench_fisher(n_seq, n_tok, n_layers, dtype, dev, repeats, cuda):
             row(name, f"{IN} -> {OUT}", 1, method, *fmt(ms, mem), ratio(ms))
         ms, mem = measure(lambda: [f(x, gr) for pairs in data.values() for x, gr in pairs], repeats, cuda)
         row(f"all {len(GPT2_LINEARS)}", "", n_layers, method, *fmt(ms, mem), ratio(ms))
+
+# ----------------------------------------------------------------------------- (c) end to end
+
+def bench_end_to_end(cuda, repeats):
+    """ih_flora as unlearn.py runs it (FILA init from the Fisher, then the loop with its stopping rule), on
+    the default data and cached target (trained first when missing), kernels vs twins."""
+    import copy
+    import unlearn
+    print("\n### (c) ih_flora end to end (Fisher + FILA + unlearning until the stopping rule), default data\n")
+    cfg = unlearn.parse_args(["--device", "cuda" if cuda else "cpu"])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    meta, data = unlearn.load_data(cfg)
+    target = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    thresholds = {"ma": unlearn.split_stats(target, data["holdout"])["ma"], "el10": 1e-3}
+    paths = {"kernels": (kernels.fused_linear_loss, kernels.linear_token_stats, kernels.per_sample_grad_sq),
+             "twins": (kernels.fused_linear_loss_ref, kernels.linear_token_stats_ref, kernels.per_sample_grad_sq_ref)}
+    rows = []
+    for name, (loss, stats, fisher) in paths.items():
+        if name == "kernels" and not cuda:
+            continue
+        unlearn.linear_loss, unlearn.token_stats, unlearn.grad_sq = loss, stats, fisher
+        res = {}
+
+        def once():
+            torch.manual_seed(cfg.seed)
+            res.update(unlearn.apply_method("ih_flora", copy.deepcopy(target), target, data["forget"], data["retain"],
+                                            data, cfg, thresholds, []))
+        ms, mem = measure(once, max(1, repeats // 2), cuda)
+        rows.append((name, res["stopped_by"], res["steps"], *fmt(ms / 1000 if not isinstance(ms, str) else ms, mem)))
+    row("path", "stopped by", "steps", "time (s)", "peak extra (MiB)")
+    row(*["---"] * 5)
+    for r in rows:
+        row(*r)
 
 # ----------------------------------------------------------------------------- main
 
@@ -161,10 +210,12 @@ if __name__ == "__main__":
         print(f"## {torch.cuda.get_device_name()}, bf16, GPT-2 shapes")
         bench_loss([(8192, 768, 50257), (16384, 768, 50257), (8192, 2048, 50257), (16384, 2048, 50257)],
                    dtype, dev, args.repeats, cuda)
+        MODEL_FWD_BWD_MS = model_fwd_bwd(32, 200, 12, 50257, dev, dtype, args.repeats, cuda)
         bench_fisher(32, 200, 12, dtype, dev, args.repeats, cuda)
     else:
         dev, dtype = "cpu", torch.float32
         print(f"## CPU, small shapes, twins only (Triton needs CUDA); fp32, {torch.get_num_threads()} threads")
         bench_loss([(1024, 128, 8192)], dtype, dev, args.repeats, cuda)
+        MODEL_FWD_BWD_MS = model_fwd_bwd(4, 64, 2, 8192, dev, dtype, args.repeats, cuda)
         bench_fisher(4, 64, 2, dtype, dev, args.repeats, cuda)
-    print("\n### (c) end-to-end\n\nHOOK (lead): not measured here yet.")
+    bench_end_to_end(cuda, args.repeats)

@@ -300,3 +300,302 @@ def test_lora_merge_unmerge_round_trip():
         m.remove_lora()
     assert torch.allclose(model(x), tiny_gpt()(x), atol=1e-5)
     assert not torch.allclose(with_adapter, tiny_gpt()(x), atol=1e-3)
+
+
+def test_from_pretrained_matches_transformers(tmp_path):
+    """GPT-2 weights through transformers, offline: a small random GPT-2 saved locally stands in for 'gpt2'."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_positions=32, n_embd=48, n_layer=2, n_head=4, vocab_size=101, bos_token_id=0, eos_token_id=0)).eval()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    x = torch.randint(0, 101, (3, 20))
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(model(x)), hf(x).logits, atol=1e-4)
+        model.restrict_vocab([5, 7, 11])  # the dataset's own tokens: the logits of those columns, nothing else
+        assert torch.allclose(model.lm_head(model(torch.tensor([[0, 2, 1]]))),
+                              hf(torch.tensor([[5, 11, 7]])).logits[..., [5, 7, 11]], atol=1e-4)
+
+
+# ---- unlearn.py: metrics on hand-made cases ------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+import unlearn  # noqa: E402
+
+
+def hand_split(rows, lengths, secrets):
+    return unlearn.Split(np.array(rows, dtype=np.uint16), lengths, secrets, "cpu")
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in model that predicts a fixed token sequence: hidden states are one-hot rows and the
+    lm_head is the identity, so argmax(logits) at position i is `says[i + 1]` whatever the input."""
+
+    def __init__(self, says, vocab=10):
+        super().__init__()
+        self.says = torch.tensor(says)
+        self.lm_head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.lm_head.weight.data = torch.eye(vocab) * 10
+
+    def forward(self, idx):
+        return F.one_hot(self.says[1:idx.size(1) + 1], self.lm_head.in_features).float().expand(len(idx), -1, -1)
+
+    def generate(self, idx, max_new_tokens):
+        return torch.cat([idx, self.says[idx.size(1):idx.size(1) + max_new_tokens].expand(len(idx), -1)], 1)
+
+
+def test_memorization_accuracy_by_hand():
+    # one row of 8 tokens, the last two padding: targets are positions 1..5, the model gets 3 of 5 right
+    split = hand_split([[0, 1, 2, 3, 4, 5, 9, 9]], [6], [[]])
+    stats = unlearn.split_stats(Oracle([0, 1, 2, 7, 4, 8, 9, 9]), split)
+    assert stats["ma"] == pytest.approx(3 / 5)
+    assert stats["count"].item() == 5
+
+
+def test_extraction_likelihood_by_hand():
+    rows = [[0, 1, 2, 3, 4, 5, 6, 7]]
+    split = hand_split(rows, [8], [[[3, 5]]])
+    el, secrets = unlearn.extraction(Oracle(rows[0]), split, n=2)  # a parrot: everything extracted
+    assert el.item() == pytest.approx(1.0) and secrets.item() == 1
+    el, secrets = unlearn.extraction(Oracle([0] * 8), split, n=2)  # never right
+    assert el.item() == 0.0 and secrets.item() == 0
+    # right but for the last token: from prefix length t the suffix has 7 - t bigrams, one of them missed,
+    # EL_2 = (5/6 + 4/5 + 3/4 + 2/3 + 1/2 + 0/1) / (8 - 2); the secret (tokens 3..4) is still reproduced
+    el, secrets = unlearn.extraction(Oracle([0, 1, 2, 3, 4, 5, 6, 9]), split, n=2)
+    assert el.item() == pytest.approx((5 / 6 + 4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 6)
+    assert secrets.item() == 1
+
+
+def test_mia_auc_and_ks_by_hand():
+    assert unlearn.auc([3, 4], [1, 2]) == 1.0 and unlearn.auc([1, 2], [3, 4]) == 0.0
+    assert unlearn.auc([1, 2], [1, 2]) == 0.5
+    rng = np.random.default_rng(0)
+    assert unlearn.ks_pvalue(rng.normal(size=200), rng.normal(size=200)) > 0.05
+    assert unlearn.ks_pvalue(rng.normal(size=200), rng.normal(2, size=200)) < 1e-6
+
+
+# ---- unlearn.py: the methods on a tiny memorized model ---------------------------------------------------
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--memorized=0.9", "--train_epochs=150", "--epochs=16", "--lr=1e-3",
+        "--eval_n=8", "--rank=4"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A small instance of the people testbed (8 forget, 40 retain, 16 holdout) and a tiny GPT trained until it
+    memorized them, cached in an out dir that the end-to-end tests reuse."""
+    root = tmp_path_factory.mktemp("tiny")
+    spec = __import__("importlib.util").util.spec_from_file_location("prepare", os.path.join(unlearn.ROOT, "data", "people", "prepare.py"))
+    prepare = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    prepare.main(["--n_forget", "8", "--n_retain", "40", "--n_holdout", "16", "--out_dir", str(root / "data" / "people")])
+    argv = TINY + ["--data_dir", str(root / "data"), "--out_dir", str(root / "out"), "--device=cpu"]
+    cfg = unlearn.parse_args(argv)
+    os.makedirs(cfg.out_dir)
+    meta, data = unlearn.load_data(cfg)
+    target = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    holdout = unlearn.split_stats(target, data["holdout"])["ma"]
+    return dict(argv=argv, cfg=cfg, meta=meta, data=data, target=target, root=root,
+                thresholds={"ma": holdout, "el10": 1e-3})
+
+
+RETAIN_MARGIN = 0.7  # a method may cost retain MA, but must keep at least 70% of it on this tiny model
+
+
+@pytest.mark.parametrize("method", unlearn.METHODS)
+def test_method_forgets_and_keeps(tiny, method):
+    """Each method, run until forget MA is 0.15 below the target's (the stopping rule with that level), lowers
+    forget MA by at least 0.1 while retain MA keeps RETAIN_MARGIN of its value."""
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    torch.manual_seed(0)
+    model = __import__("copy").deepcopy(target)
+    before = {s: unlearn.split_stats(target, data[s])["ma"] for s in ("forget", "retain")}
+    res = unlearn.apply_method(method, model, target, data["forget"], data["retain"], data, cfg,
+                               {"ma": before["forget"] - 0.15, "el10": 1.0}, [])
+    after = {s: unlearn.split_stats(model, data[s])["ma"] for s in ("forget", "retain")}
+    assert before["forget"] > 0.85
+    assert after["forget"] < before["forget"] - 0.1, (before, after, res["stopped_by"])
+    assert after["retain"] >= RETAIN_MARGIN * before["retain"], (before, after)
+    assert res["steps"] > 0 and res["trainable_params"] > 0
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_end_to_end_results_contract(tiny, tmp_path):
+    """`python unlearn.py` on the cached tiny target: results.json holds what other tools read."""
+    import json
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny["root"] / "out", out)
+    unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "ih_flora"])
+    res = json.load(open(out / "ih_flora" / "results.json"))
+    assert res["method"] == "ih_flora" and res["stopped_by"] in ("threshold", "budget")
+    assert set(res["thresholds"]) == {"ma", "el10"}
+    for when in ("before", "after"):
+        for split in ("forget", "retain", "holdout"):
+            assert {"ma", "el10", "ppl"} <= set(res[when][split])
+    assert res["after"]["forget"]["ma"] < res["before"]["forget"]["ma"]
+    assert set(res["mia_auc"]) == {"loss", "zlib", "mink"}
+    assert res["time_s"] > 0 and res["steps"] > 0 and 0 < res["trainable_params"] < sum(
+        p.numel() for p in tiny["target"].parameters())
+    assert not [f for f in files_under(out) if f.endswith(".tmp")]
+
+
+def test_eul_requests_report_each_request(tiny, tmp_path):
+    import json
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny["root"] / "out", out)
+    unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "eul", "--requests", "2"])
+    res = json.load(open(out / "eul" / "results.json"))
+    assert [r["request"] for r in res["requests"]] == [1, 2]
+    assert res["after"]["forget"]["ma"] < res["before"]["forget"]["ma"]
+
+
+def fails_with(argv, capsys, message, code=1):
+    with pytest.raises(SystemExit) as e:
+        unlearn.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and message in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_unknown_method(capsys):
+    err = fails_with(["--method", "forget_everything"], capsys, "invalid choice", code=2)
+    assert "ih_flora" in err and "rum" in err  # the valid ones are listed
+
+
+def test_bad_input_missing_dataset(tmp_path, capsys):
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    (tmp_path / "data" / "mine" / "prepare.py").write_text("")
+    fails_with(["--dataset", "mine", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
+               capsys, "prepare it with")
+    fails_with(["--dataset", "nothing", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
+               capsys, "is missing")
+
+
+def test_bad_input_checkpoint_mismatch(tiny, tmp_path, capsys):
+    os.makedirs(tmp_path / "out")
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"model_args": __import__("dataclasses").asdict(model.config), "model": model.state_dict()},
+               tmp_path / "out" / "target.pt")
+    fails_with(tiny["argv"] + ["--out_dir", str(tmp_path / "out")], capsys, "delete it or pick another --out_dir")
+    assert files_under(tmp_path / "out") == ["target.pt"]
+
+
+def test_bad_input_empty_forget_set(tmp_path, capsys):
+    prepare = os.path.join(unlearn.ROOT, "data", "people", "prepare.py")
+    subprocess.run([sys.executable, prepare, "--n_forget", "0", "--out_dir", str(tmp_path / "data" / "p")], check=True)
+    fails_with(["--dataset", "p", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
+               capsys, "forget set")
+
+
+def test_bad_input_nonfinite_loss(tiny, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny["root"] / "out", out)
+    fails_with(tiny["argv"] + ["--out_dir", str(out), "--method", "ga", "--lr=1e30", "--batch_size=4"], capsys, "the loss became")
+    assert files_under(out) == files_under(tiny["root"] / "out")  # no results.json, nothing half-written
+
+
+def test_bad_input_unwritable_out_dir(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    fails_with(["--out_dir", str(tmp_path / "file" / "out")], capsys, "cannot write to --out_dir")
+
+
+def test_bad_input_requests(tiny, capsys):
+    fails_with(tiny["argv"] + ["--requests", "0"], capsys, "--requests must be at least 1")
+
+
+# ---- the other seeds' pieces, on cases with known answers -------------------------------------------------
+def test_icu_drops_refined_samples(tiny, monkeypatch):
+    """After an epoch, the samples the check calls forgotten (with their analogues) leave the batches."""
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    forget = data["forget"]
+    seen = []
+
+    def recording_loss(model, ref, f, a, cfg):
+        seen[-1].extend(f.rows.tolist())
+        return unlearn.loss_icu(model, ref, f, a, cfg)
+
+    def check(model, split, thresholds, cfg):  # epoch 1 forgets samples 0-3, epoch 2 the rest
+        seen.append([])
+        return torch.arange(len(split)) < (4 if len(seen) == 2 else 8)
+
+    seen.append([])
+    monkeypatch.setattr(unlearn, "forgotten", check)
+    model = __import__("copy").deepcopy(target)
+    pairs = unlearn.analogues(target, forget, data["retain"])
+    res = unlearn.unlearn(model, target, [recording_loss], forget, data["retain"], cfg,
+                          {"ma": -1.0, "el10": -1.0}, 1e-4, 5, "icu", pairs=pairs, refine=True)
+    rows = forget.rows.tolist()
+    assert sorted(seen[0]) == sorted(rows)                       # epoch 1: everyone
+    assert sorted(seen[1]) == sorted(rows[4:])                   # epoch 2: the refined samples are gone
+    assert res["forgotten_at"] == [1, 1, 1, 1, 2, 2, 2, 2] and res["stopped_by"] == "threshold"
+    assert pairs.shape == (len(forget),) and int(pairs.max()) < len(data["retain"])
+
+
+def test_eul_fusion_is_the_closed_form():
+    torch.manual_seed(0)
+    xs = [torch.randn(40, 6, dtype=torch.float64), torch.randn(25, 6, dtype=torch.float64) * 3]
+    ws = [torch.randn(3, 6, dtype=torch.float64) for _ in xs]
+    fused = unlearn.fuse(ws, [x.t() @ x for x in xs])
+    # independent: least squares on the stacked inputs, targets each request's outputs
+    ls = torch.linalg.lstsq(torch.cat(xs), torch.cat([x @ w.t() for x, w in zip(xs, ws)])).solution.t()
+    assert torch.allclose(fused, ls, atol=1e-6)
+    assert torch.allclose(unlearn.fuse(ws[:1], [xs[0].t() @ xs[0]]), ws[0], atol=1e-6)  # one request: unchanged
+
+
+def test_rum_thirds_partition_the_forget_set():
+    scores = np.random.default_rng(0).normal(size=11)
+    low, mid, high = unlearn.thirds(scores)
+    assert sorted(torch.cat([low, mid, high]).tolist()) == list(range(11))
+    assert sorted(len(t) for t in (low, mid, high)) == [3, 4, 4]
+    assert scores[low].max() < scores[mid].min() and scores[mid].max() < scores[high].min()
+
+
+def test_spearman_by_hand():
+    assert unlearn.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert unlearn.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their average rank: ranks [1.5, 1.5, 3] and [1, 2, 3] -> Pearson 0.866...
+    assert unlearn.spearman([5, 5, 9], [1, 2, 3]) == pytest.approx(np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1])
+
+
+@needs_triton
+def test_kernels_and_twins_give_the_same_run(tiny, monkeypatch):
+    """One code path in unlearn.py: the same ih_flora run (FILA's Fisher, IH + CE losses, MA) through the
+    Triton kernels (interpreted on the CPU) and through the twins ends with the same weights and metrics."""
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    cfg = __import__("dataclasses").replace(cfg, epochs=2)
+    runs = {}
+    for name, fns in {"kernels": (kernels.fused_linear_loss, kernels.linear_token_stats, kernels.per_sample_grad_sq),
+                      "twins": (kernels.fused_linear_loss_ref, kernels.linear_token_stats_ref,
+                                kernels.per_sample_grad_sq_ref)}.items():
+        for attr, fn in zip(("linear_loss", "token_stats", "grad_sq"), fns):
+            monkeypatch.setattr(unlearn, attr, fn)
+        torch.manual_seed(0)
+        model = __import__("copy").deepcopy(target)
+        res = unlearn.apply_method("ih_flora", model, target, data["forget"], data["retain"], data, cfg,
+                                   {"ma": 0.0, "el10": 0.0}, [])
+        runs[name] = (res, model.state_dict(), unlearn.split_stats(model, data["forget"])["ma"])
+    (rk, wk, mak), (rt, wt, mat) = runs["kernels"], runs["twins"]
+    assert rk["steps"] == rt["steps"] and rk["stopped_by"] == rt["stopped_by"]
+    assert all(torch.allclose(wk[k], wt[k], atol=1e-4) for k in wt)
+    assert abs(mak - mat) < 1e-6
+    assert not torch.allclose(wt["transformer.h.0.attn.c_attn.weight"], target.state_dict()["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_fila_leaves_the_function_unchanged_at_step_0(tiny):
+    """FILA moves W to W - s·B·A and starts the adapter at B·A: the outputs are those of the target, while the
+    adapter itself is far from zero (unlike plain LoRA's B = 0) and points where the forget set's Fisher is."""
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    model = __import__("copy").deepcopy(target)
+    unlearn.add_adapters(model, "flora", data["forget"], data["retain"], cfg)
+    x = data["forget"].x
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(model(x)), target.lm_head(target(x)), atol=1e-4)
+    layers = model.lora_layers()
+    assert all(m.lora_B.abs().max() > 1e-3 and m.lora_A.shape[0] == cfg.rank for m in layers)
+    assert [p.requires_grad for p in model.parameters()].count(True) == 2 * len(layers)  # only A and B train

@@ -30,9 +30,10 @@ from kernels import grad_sq, linear_loss, token_stats
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+torch.set_flush_denormal(True)  # on a CPU, the tiny floats unlearning leaves behind would slow math 10-100x
 LOSSES = ("ga", "gd", "kl", "npo", "ih")
 ADAPTERS = ("", "_lora", "_flora")
-METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS)
+METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS) + ("icu", "eul", "rum")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,17 +54,21 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    train_lr: float = 3e-3
+    train_lr: float = 1e-2
+    train_batch: int = 32
     train_epochs: int = 300    # at most; training stops once train MA >= memorized
     memorized: float = 0.95  # the first token of a record (a name) cannot be memorized: MA tops out below 1
     # unlearning
-    batch_size: int = 32
+    batch_size: int = 8       # forget samples a step (and as many retain samples)
     epochs: int = 30           # the budget; the stopping rule usually ends earlier
-    lr: float = 1e-4           # full-weight methods
-    lora_lr: float = 1e-3      # adapter methods (_lora, _flora, eul)
+    lr: float = 3e-4           # full-weight methods (ga, gd, kl, npo, ih, icu, rum)
+    lora_lr: float = 1e-2      # adapter methods (_lora, _flora)
+    eul_lr: float = 1e-1       # EUL's layers start as the identity, where its KL terms have zero gradient
     rank: int = 8              # LoRA rank r; alpha = 2r (design notes)
     npo_beta: float = 0.1
     el_n: int = 10             # n of EL_n
+    proxy: str = "confidence"  # rum: the memorization proxy, one of PROXIES
+    requests: int = 1          # the forget set as K sequential deletion requests, applied one after another
     eval_n: int = 64           # retain records used for the (costly) generation metrics
 
 
@@ -77,6 +82,8 @@ def parse_args(argv=None):
         elif f.name == "method":
             p.add_argument("--method", default=f.default, choices=METHODS + ("all",),
                            metavar="METHOD", help="one of: " + ", ".join(METHODS + ("all",)))
+        elif f.name == "proxy":
+            p.add_argument("--proxy", default=f.default, choices=tuple(PROXIES))
         else:
             p.add_argument(f"--{f.name}", type=f.type, default=f.default)
     cfg = Config(**vars(p.parse_args(argv)))
@@ -118,6 +125,8 @@ def load_data(cfg):
     folder = os.path.join(cfg.data_dir, cfg.dataset)
     if not os.path.exists(os.path.join(folder, "meta.json")):
         prepare = os.path.join(ROOT, "data", cfg.dataset, "prepare.py")
+        if not os.path.exists(prepare):
+            prepare = os.path.join(folder, "prepare.py")
         if cfg.dataset != "people":
             hint = f"prepare it with: python {prepare}" if os.path.exists(prepare) else "no such dataset"
             raise UserError(f"dataset '{cfg.dataset}' is missing ({folder}/meta.json not found); {hint}")
@@ -146,11 +155,12 @@ def batches(n, batch_size, gen):
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def cat(a, b):
-    """One split made of two (forget ∪ retain is what the target model is trained on)."""
-    new = copy.copy(a)
-    new.rows, new.lengths = torch.cat([a.rows, b.rows]), torch.cat([a.lengths, b.lengths])
-    new.x, new.y, new.secrets = torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), a.secrets + b.secrets
+def cat(*splits):
+    """One split made of several (forget ∪ retain is what the target model is trained on)."""
+    new = copy.copy(splits[0])
+    for k in ("rows", "lengths", "x", "y"):
+        setattr(new, k, torch.cat([getattr(s, k) for s in splits]))
+    new.secrets = [spans for s in splits for spans in s.secrets]
     return new
 
 
@@ -177,7 +187,7 @@ def train(model, data, cfg, name):
     t0, step = time.time(), 0
     for epoch in range(1, cfg.train_epochs + 1):
         model.train()
-        for idx in batches(len(data), cfg.batch_size, gen):
+        for idx in batches(len(data), cfg.train_batch, gen):
             lr = cfg.train_lr * min(1.0, (step + 1) / 50)  # short warmup, then constant
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -187,7 +197,7 @@ def train(model, data, cfg, name):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-        if epoch % 10 == 0 or epoch == cfg.train_epochs:
+        if epoch % 5 == 0 or epoch == cfg.train_epochs:
             ma = split_stats(model, data)["ma"]
             print(f"{name}: epoch {epoch} | loss {loss.item():.3f} | train MA {ma:.3f} | {time.time() - t0:.0f}s")
             if ma >= cfg.memorized:
@@ -253,8 +263,8 @@ def split_stats(model, split):
 
 @torch.no_grad()
 def extraction(model, split, n=10):
-    """EL_n (extraction likelihood, Jang et al.) per sample, and the fraction of secrets greedy decoding
-    reproduces from the tokens before them.
+    """EL_n (extraction likelihood, Jang et al.) per sample, and per sample the number of its secrets that
+    greedy decoding reproduces from the tokens before them.
 
     EL_n(x) = sum_{t=1}^{T-n} overlap_n(greedy(x_<t), x_>=t) / (T - n), overlap_n the fraction of the true
     suffix's n-grams found in the generation (cut to the suffix's length). Every sample is cut at the same
@@ -265,7 +275,7 @@ def extraction(model, split, n=10):
     for i, spans in enumerate(split.secrets):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
-    el, extracted = torch.zeros(N, device=split.rows.device), []
+    el, extracted = torch.zeros(N, device=split.rows.device), torch.zeros(N)
     for t in sorted(set(range(1, int(lengths.max()) - n + 1)) | set(starts)):
         gen = model.generate(split.rows[:, :t], L - t)[:, t:]
         g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
@@ -274,9 +284,8 @@ def extraction(model, split, n=10):
         found = same.any(1) & valid
         el += found.sum(1) / valid.sum(1).clamp_min(1)
         for i, e in starts.get(t, []):
-            extracted.append(bool((gen[i, :e - t] == split.rows[i, t:e]).all()))
-    el = el / (lengths - n).clamp_min(1)
-    return el, (sum(extracted) / len(extracted) if extracted else float("nan"))
+            extracted[i] += bool((gen[i, :e - t] == split.rows[i, t:e]).all())
+    return el / (lengths - n).clamp_min(1), extracted
 
 
 def auc(members, nonmembers):
@@ -323,22 +332,25 @@ def fluency(model, ref, split, decode, fmt, prompt=4):
                 ppl_ref=math.exp(-lp.sum().item() / (y != -100).sum().item()))
 
 
-def evaluate(model, ref, data, cfg, meta, oracle_losses=None, splits=("forget", "retain", "holdout")):
-    """Every metric of the report for one model."""
-    decode = meta["decode"]
-    out, stats = {}, {}
-    for name in splits:
-        split = data[name] if name != "retain" else data[name].take(range(min(cfg.eval_n, len(data[name]))))
+def evaluate(model, ref, data, cfg, meta, oracle_losses=None):
+    """Every metric of the report for one model. The generation metrics of the three splits run as one
+    batch (retain: its first eval_n records), since generation costs per step more than per row."""
+    names = ("forget", "retain", "holdout")
+    gen_splits = [data[s] if s != "retain" else data[s].take(range(min(cfg.eval_n, len(data[s])))) for s in names]
+    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n)
+    out, stats, i = {}, {}, 0
+    for name, split in zip(names, gen_splits):
         stats[name] = split_stats(model, data[name])
-        el, secrets = extraction(model, split, cfg.el_n)
-        out[name] = dict(ma=stats[name]["ma"], el10=el.mean().item(), ppl=stats[name]["ppl"], extraction=secrets)
-        out[name]["el_per"] = el.tolist()
-    if "holdout" in stats:
-        texts = {s: [decode(r[:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
-                 for s in ("forget", "holdout")}
-        mf, mh = mia_scores(stats["forget"], texts["forget"]), mia_scores(stats["holdout"], texts["holdout"])
-        out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf}
-    out["fluency"] = fluency(model, ref, data["forget"], decode, meta.get("format"))
+        n_secrets = sum(len(s) for s in split.secrets)
+        out[name] = dict(ma=stats[name]["ma"], el10=el[i:i + len(split)].mean().item(), ppl=stats[name]["ppl"],
+                         extraction=extracted[i:i + len(split)].sum().item() / n_secrets if n_secrets else float("nan"),
+                         el_per=el[i:i + len(split)].tolist())
+        i += len(split)
+    texts = {s: [meta["decode"](r[:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
+             for s in ("forget", "holdout")}
+    mf, mh = mia_scores(stats["forget"], texts["forget"]), mia_scores(stats["holdout"], texts["holdout"])
+    out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf}
+    out["fluency"] = fluency(model, ref, data["forget"], meta["decode"], meta.get("format"))
     out["forget_losses"] = stats["forget"]["loss_per"].tolist()
     if oracle_losses is not None:  # TOFU's forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
@@ -461,9 +473,10 @@ def fila_init(model, forget, retain, cfg):
 
 
 def add_adapters(model, adapter, forget, retain, cfg):
-    """Freeze the base and put a rank-r LoRA (alpha = 2r) on every attention and MLP linear."""
+    """Freeze the base and put a rank-r LoRA (alpha = 2r) on every attention and MLP linear: "lora" starts
+    at B = 0, "flora" at FILA's initialisation."""
     model.requires_grad_(False)
-    if adapter == "_flora":
+    if adapter == "flora":
         fila_init(model, forget, retain, cfg)
     else:
         for m in model.lora_layers():
@@ -488,20 +501,39 @@ def forget_check(model, forget, thresholds, cfg):
     return ma, el, ma <= thresholds["ma"] and el <= thresholds["el10"]
 
 
-def unlearn(model, ref, loss_fn, forget, retain, cfg, thresholds, lr, epochs, name=""):
-    """Minimize loss_fn on (forget batch, random retain batch) pairs, an epoch being one pass over the
-    forget set, until forget MA and EL_10 are both at or below the holdout's, or the epoch budget ends.
-    Returns (stopped_by, steps, tokens). A non-finite loss stops it with the weights of the last epoch."""
+def forgotten(model, forget, thresholds, cfg):
+    """Per sample: are its own MA and EL_n at or below the holdout level? (ICU's refinement test.)"""
+    gone = split_stats(model, forget)["ma_per"] <= thresholds["ma"]
+    idx = gone.nonzero().flatten()
+    if len(idx):  # EL only where MA already is (generation is the costly part)
+        gone[idx] = extraction(model, forget.take(idx.cpu()), cfg.el_n)[0] <= thresholds["el10"]
+    return gone
+
+
+def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=False):
+    """Minimize the loss on (forget batch, retain batch) pairs, an epoch being one pass over the forget set,
+    until forget MA and EL_10 are both at or below the holdout's (Jang et al.), or the epoch budget ends.
+
+    loss_fns: the loss of each epoch, cycled (EUL alternates a retain and a forget epoch; most have one).
+    pairs: the retain row paired with each forget row (ICU's analogues); default a random retain batch.
+    refine: after every epoch drop the samples already forgotten, with their analogues (ICU); every sample
+    is re-checked, so one that comes back re-enters. Returns a dict: stopped_by ("threshold" or "budget"),
+    steps, tokens, trainable_params, and forgotten_at (ICU: the first epoch each sample was forgotten).
+    A non-finite loss stops everything with the weights of the last epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = tokens = 0
+    active, forgotten_at = torch.arange(len(forget)), [None] * len(forget)
     t0 = time.time()
     for epoch in range(1, epochs + 1):
         good = [p.detach().clone() for p in params]
+        loss_fn = loss_fns[(epoch - 1) % len(loss_fns)]
         model.train()
-        for fi in batches(len(forget), cfg.batch_size, gen):
-            f, r = forget.take(fi), retain.take(torch.randint(len(retain), (cfg.batch_size,), generator=gen))
+        for fi in batches(len(active), cfg.batch_size, gen):
+            fi = active[fi]
+            ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (cfg.batch_size,), generator=gen)
+            f, r = forget.take(fi), retain.take(ri)
             loss = loss_fn(model, ref, f, r, cfg)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -516,39 +548,299 @@ def unlearn(model, ref, loss_fn, forget, retain, cfg, thresholds, lr, epochs, na
             steps += 1
             tokens += int((f.y != -100).sum() + (r.y != -100).sum())
         model.eval()
+        if refine:
+            gone = forgotten(model, forget, thresholds, cfg)
+            for i in gone.nonzero().flatten().tolist():
+                forgotten_at[i] = forgotten_at[i] or epoch
+            active = (~gone).nonzero().flatten().cpu()
         ma, el, done = forget_check(model, forget, thresholds, cfg)
-        print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el:.3f} "
-              f"| {time.time() - t0:.1f}s")
-        if done:
-            return "threshold", steps, tokens
-    return "budget", steps, tokens
+        print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el:.4f} "
+              + (f"| active {len(active)} " if refine else "") + f"| {time.time() - t0:.1f}s")
+        if done or len(active) == 0:
+            break
+    return dict(stopped_by="threshold" if done or len(active) == 0 else "budget", steps=steps, tokens=tokens,
+                trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ICU: iterative contrastive unlearning (Tang et al. 2024)
+
+
+@torch.no_grad()
+def analogues(model, forget, others):
+    """Each forget sample's nearest neighbour among `others` by cosine similarity of the target model's
+    mean-pooled final hidden states (the paper uses a sentence encoder; the model's own states serve here)."""
+    def pooled(split):
+        mask = (split.y != -100).unsqueeze(-1).float()
+        return F.normalize((model(split.x) * mask).sum(1) / mask.sum(1), dim=-1)
+    return (pooled(forget) @ pooled(others).t()).argmax(1).cpu()
+
+
+def loss_icu(model, ref, f, a, cfg, alpha=0.5, beta=1.0):
+    """ICU (Tang et al. 2024): L = -NLL_θ(f) + α·NLL_θ(a) + β·KL(p_θ0 ‖ p_θ)(a), α = 0.5, β = 1.0, with a the
+    forget batch's analogues: forget the sample, keep what the model knows about its neighbours."""
+    return -nll(model, f) + alpha * nll(model, a) + beta * kl_to_ref(model, ref, a)
+
+
+def unlearn_icu(model, target, forget, retain, cfg, thresholds):
+    """ICU on all weights: analogue pairs, and after every epoch the forgotten samples (their own MA and
+    EL_10 at the holdout level, our stand-in for the paper's BERTScore/BLEU test) leave the batches."""
+    pairs = analogues(target, forget, retain)
+    return unlearn(model, target, [loss_icu], forget, retain, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
+                   pairs=pairs, refine=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EUL: unlearning layers, and their fusion for sequential deletion requests (Chen & Yang, EMNLP 2023)
+
+
+class UnlearnLayer(torch.nn.Module):
+    """h <- h + U·gelu(D·h) after a block's MLP (model.Block.adapter), U = 0 at start: the identity.
+    Its width is --rank. No biases, so that fusion is the plain Gram-matrix formula below."""
+
+    def __init__(self, n_embd, width):
+        super().__init__()
+        self.down = torch.nn.Linear(n_embd, width, bias=False)
+        self.up = torch.nn.Linear(width, n_embd, bias=False)
+        torch.nn.init.zeros_(self.up.weight)
+
+    def forward(self, h):
+        return self.up(F.gelu(self.down(h)))
+
+
+def loss_eul_forget(model, ref, f, r, cfg, gamma=0.2):
+    """EUL's forget epochs: -KL(p_θ0 ‖ p_θ)(f) - γ·NLL_θ(f), γ = 0.2: move away from the teacher on f."""
+    return -kl_to_ref(model, ref, f) - gamma * nll(model, f)
+
+
+def loss_eul_retain(model, ref, f, r, cfg, alpha=0.8, lam=1.0):
+    """EUL's retain epochs: α·KL(p_θ0 ‖ p_θ)(r) + λ·NLL_θ(r), α = 0.8, λ = 1.0: stay the teacher on r.
+    Alternating the two (design: L = α·KL(r) - KL(f) + λ·NLL(r) - γ·NLL(f)) is the selective
+    teacher-student objective; a retain epoch has as many (random) retain batches as a forget epoch."""
+    return alpha * kl_to_ref(model, ref, r) + lam * nll(model, r)
+
+
+@torch.no_grad()
+def grams(model, layers, split):
+    """G = XᵀX of the inputs X of every linear map of the unlearning layers, over the split's tokens:
+    what fusion keeps of a request instead of its data."""
+    out, handles = {}, []
+    mask = split.y != -100
+    for m in [lin for layer in layers for lin in (layer.down, layer.up)]:
+        def hook(mod, inp, _):
+            x = inp[0][mask].double()
+            out[mod] = out.get(mod, 0) + x.t() @ x
+        handles.append(m.register_forward_hook(hook))
+    model(split.x)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def fuse(weights, grams_):
+    """EUL's data-free fusion of one linear map trained by several requests: the single W closest to every
+    W_i on request i's own inputs, argmin_W Σ_i ‖X_i Wᵀ - X_i W_iᵀ‖², in closed form
+        W = (Σ_i W_i G_i)(Σ_i G_i)⁻¹,  G_i = X_iᵀX_i
+    (design notes write it (Σ G_i)⁻¹ Σ G_i W_i for W acting on the right). A ridge of 1e-6·mean(diag)
+    keeps the solve defined when the inputs do not span every direction."""
+    G = sum(grams_)
+    G = G + 1e-6 * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype, device=G.device)
+    WG = sum(W.double() @ Gi for W, Gi in zip(weights, grams_))
+    return torch.linalg.solve(G, WG.t()).t().to(weights[0].dtype)  # G symmetric: W G = WG
+
+
+def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
+    """One EUL request: a fresh unlearning layer in every block on the frozen base, trained alternating
+    forget and retain epochs; its weights and Gram matrices join `requests`, and the model gets the fusion
+    of all requests so far (for a single request, the layer itself)."""
+    blocks = model.transformer.h
+    layers = [UnlearnLayer(model.config.n_embd, cfg.rank).to(cfg.device) for _ in blocks]
+    model.requires_grad_(False)
+    for b, layer in zip(blocks, layers):
+        b.adapter = layer
+    result = unlearn(model, target, [loss_eul_forget, loss_eul_retain], forget, retain, cfg, thresholds,
+                     cfg.eul_lr, cfg.epochs, "eul")
+    g = grams(model, layers, forget)
+    requests.append([{k: (getattr(l, k).weight.detach().clone(), g[getattr(l, k)]) for k in ("down", "up")}
+                     for l in layers])
+    with torch.no_grad():
+        for j, layer in enumerate(layers):
+            for k in ("down", "up"):
+                ws, gs = zip(*[req[j][k] for req in requests])
+                getattr(layer, k).weight.copy_(fuse(ws, gs))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# RUM: memorization-aware unlearning with cheap memorization proxies (Zhao & Triantafillou 2024)
+# Each proxy scores every forget sample from the target model θ0, higher = more memorized.
+
+
+def proxy_confidence(target, forget, data, cfg):
+    """Mean probability θ0 gives the true tokens (the paper's best cheap proxy)."""
+    s = split_stats(target, forget)
+    return (s["logp"].exp().sum(1) / s["count"]).cpu().numpy()
+
+
+def proxy_loss(target, forget, data, cfg):
+    """Minus the mean per-token loss under θ0."""
+    return (-split_stats(target, forget)["loss_per"]).cpu().numpy()
+
+
+def proxy_ma(target, forget, data, cfg):
+    """The sample's own memorization accuracy."""
+    return split_stats(target, forget)["ma_per"].cpu().numpy()
+
+
+def proxy_el(target, forget, data, cfg):
+    """The sample's own EL_10: T greedy generations, the costliest of the cheap proxies."""
+    return extraction(target, forget, cfg.el_n)[0].cpu().numpy()
+
+
+def proxy_gradnorm(target, forget, data, cfg):
+    """Minus the per-sample gradient norm over every block linear (kernels.grad_sq): a memorized sample sits
+    at a minimum of its own loss, so its gradient is small."""
+    return (-fisher(target, forget, target.lora_layers())[1].sqrt()).cpu().numpy()
+
+
+def proxy_holdout(target, forget, data, cfg, epochs=5):
+    """Holdout retraining: fine-tune a copy of θ0 on holdout for a few epochs (lr train_lr/10); memorized
+    samples are those whose predictions move most, the symmetric KL between θ0 and the copy per token."""
+    tuned = copy.deepcopy(target).train()
+    opt = torch.optim.AdamW(tuned.parameters(), lr=cfg.train_lr / 10, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(epochs):
+        for idx in batches(len(data["holdout"]), cfg.train_batch, gen):
+            nll(tuned, data["holdout"].take(idx)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    tuned.eval()
+    with torch.no_grad():
+        mask = forget.y != -100
+        logp = (target(forget.x) @ target.lm_head.weight.t()).float().log_softmax(-1)
+        logq = (tuned(forget.x) @ tuned.lm_head.weight.t()).float().log_softmax(-1)
+        sym = ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)
+        return ((sym * mask).sum(1) / mask.sum(1)).cpu().numpy()
+
+
+PROXIES = dict(confidence=proxy_confidence, loss=proxy_loss, ma=proxy_ma, el=proxy_el, gradnorm=proxy_gradnorm,
+               holdout=proxy_holdout)
+
+
+def spearman(a, b):
+    """Spearman's rank correlation, ties given their average rank (numpy only)."""
+    def ranks(v):
+        v = np.asarray(v, float)
+        r = np.empty(len(v))
+        r[v.argsort(kind="stable")] = np.arange(len(v))
+        _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return (np.bincount(inv, weights=r) / counts)[inv]
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def proxy_quality(target, oracle, data, cfg):
+    """The paper's table for this testbed: each proxy's Spearman correlation with an expensive reference,
+    the per-sample loss gap between the oracle (never saw the sample) and θ0, and its cost in seconds."""
+    forget = data["forget"]
+    reference = (split_stats(oracle, forget)["loss_per"] - split_stats(target, forget)["loss_per"]).cpu().numpy()
+    quality = {}
+    for name, proxy in PROXIES.items():
+        t0 = time.time()
+        scores = proxy(target, forget, data, cfg)
+        quality[name] = dict(spearman=spearman(scores, reference), cost_s=time.time() - t0)
+    return quality
+
+
+# (third, loss, share of the epoch budget): the gentlest for the least memorized, the strongest for the most
+RUM_PLAN = (("low", "npo", 0.25), ("medium", "ih", 0.25), ("high", "gd", 0.5))
+
+
+def thirds(scores):
+    """Indices of the low / medium / high memorization thirds (sizes differ by at most one)."""
+    return [torch.as_tensor(t.copy()) for t in np.array_split(np.argsort(scores, kind="stable"), 3)]
+
+
+def unlearn_rum(model, target, forget, retain, cfg, thresholds, data):
+    """RUM: score the forget set with --proxy, then unlearn its thirds in order low, medium, high, each with
+    its own loss and budget (RUM_PLAN) and the stopping rule on that third, all weights at --lr."""
+    scores = PROXIES[cfg.proxy](target, forget, data, cfg)
+    out = dict(steps=0, tokens=0, trainable_params=0, forgotten_at=None, proxy=cfg.proxy, thirds=[])
+    for (name, loss, share), idx in zip(RUM_PLAN, thirds(scores)):
+        res = unlearn(model, target, [LOSS_FNS[loss]], forget.take(idx), retain, cfg, thresholds, cfg.lr,
+                      max(1, round(share * cfg.epochs)), f"rum {name} ({loss}, {len(idx)} samples)")
+        out["steps"] += res["steps"]
+        out["tokens"] += res["tokens"]
+        out["trainable_params"] = res["trainable_params"]
+        out["thirds"].append(dict(third=name, loss=loss, samples=idx.tolist(), stopped_by=res["stopped_by"]))
+    out["stopped_by"] = "threshold" if forget_check(model, forget, thresholds, cfg)[2] else "budget"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
 # running a method, the report, main()
 
 
+def apply_method(method, model, target, forget, retain, data, cfg, thresholds, eul_requests):
+    """Unlearn `forget` from `model` in place with one method; returns unlearn()'s dict."""
+    if method == "icu":
+        return unlearn_icu(model, target, forget, retain, cfg, thresholds)
+    if method == "eul":
+        return unlearn_eul(model, target, forget, retain, cfg, thresholds, eul_requests)
+    if method == "rum":
+        return unlearn_rum(model, target, forget, retain, cfg, thresholds, data)
+    loss, _, adapter = method.partition("_")  # "ih_flora" -> inverted hinge on a FILA-initialised LoRA
+    if adapter:
+        add_adapters(model, adapter, forget, retain, cfg)
+    result = unlearn(model, target, [LOSS_FNS[loss]], forget, retain, cfg, thresholds,
+                     cfg.lora_lr if adapter else cfg.lr, cfg.epochs, method)
+    merge_adapters(model)
+    return result
+
+
 def run_method(method, target, data, meta, cfg, thresholds, oracle_losses):
-    """One method on a fresh copy of the target model: unlearn, evaluate, return the results."""
+    """One method on a fresh copy of the target model, the forget set split into cfg.requests sequential
+    deletion requests (EUL: one unlearning layer per request, fused after each); evaluate, return results."""
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(target)
-    base, adapter = (method.split("_", 1)[0], "_" + method.split("_", 1)[1]) if "_" in method else (method, "")
     forget, retain = data["forget"], data["retain"]
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    if adapter:
-        add_adapters(model, adapter, forget, retain, cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stopped_by, steps, tokens = unlearn(model, target, LOSS_FNS[base], forget, retain, cfg, thresholds,
-                                        cfg.lora_lr if adapter else cfg.lr, cfg.epochs, method)
-    merge_adapters(model)
+    chunks = torch.arange(len(forget)).chunk(cfg.requests)
+    total = dict(steps=0, tokens=0, trainable_params=0)
+    eul_requests, per_request, forgotten_at = [], [], [None] * len(forget)
+    for k, idx in enumerate(chunks, 1):
+        res = apply_method(method, model, target, forget.take(idx), retain, data, cfg, thresholds, eul_requests)
+        for key in total:
+            total[key] = total[key] + res[key] if key != "trainable_params" else max(total[key], res[key])
+        for i, e in zip(idx.tolist(), res["forgotten_at"] or []):
+            forgotten_at[i] = e
+        if cfg.requests > 1:  # the state after each request, on everything deleted so far
+            so_far = forget.take(torch.cat(chunks[:k]))
+            el = extraction(model, so_far, cfg.el_n)[0].mean().item()
+            per_request.append(dict(request=k, stopped_by=res["stopped_by"], forget_ma=split_stats(model, so_far)["ma"],
+                                    forget_el10=el, retain_ma=split_stats(model, retain)["ma"]))
+            print(f"{method}: after request {k}/{cfg.requests} | forget so far MA {per_request[-1]['forget_ma']:.3f} "
+                  f"EL{cfg.el_n} {el:.4f} | retain MA {per_request[-1]['retain_ma']:.3f}")
+    stopped_by = res["stopped_by"] if cfg.requests == 1 else \
+        ("threshold" if forget_check(model, forget, thresholds, cfg)[2] else "budget")
     time_s = time.time() - t0
     peak = torch.cuda.max_memory_allocated() if cfg.device == "cuda" else None
-    print(f"{method}: stopped by {stopped_by} after {steps} steps, {time_s:.1f}s; evaluating")
+    print(f"{method}: stopped by {stopped_by} after {total['steps']} steps, {time_s:.1f}s; evaluating")
     after = evaluate(model, target, data, cfg, meta, oracle_losses)
-    return dict(method=method, stopped_by=stopped_by, steps=steps, time_s=time_s, tokens_per_s=tokens / time_s,
-                trainable_params=trainable, peak_mem_mb=peak / 2**20 if peak else None, after=after), model
+    out = dict(method=method, stopped_by=stopped_by, steps=total["steps"], time_s=time_s,
+               tokens_per_s=total["tokens"] / time_s, trainable_params=total["trainable_params"],
+               peak_mem_mb=peak / 2**20 if peak else None, after=after)
+    if method == "icu":
+        out["forgotten_at_epoch"] = forgotten_at
+    if method == "rum":
+        out["rum"] = {k: res[k] for k in ("proxy", "thirds")}
+    if per_request:
+        out["requests"] = per_request
+    return out, model
 
 
 def table(columns):
@@ -573,7 +865,51 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def comparison(summary, oracle):
+    """`--method all`: one row per method, the oracle (exact unlearning) last."""
+    cols = [("stopped by", lambda r: r["stopped_by"]), ("steps", lambda r: r["steps"]),
+            ("time s", lambda r: f"{r['time_s']:.1f}"), ("forget MA", lambda r: f"{r['after']['forget']['ma']:.3f}"),
+            ("forget EL10", lambda r: f"{r['after']['forget']['el10']:.4f}"),
+            ("retain MA", lambda r: f"{r['after']['retain']['ma']:.3f}"),
+            ("retain ppl", lambda r: f"{r['after']['retain']['ppl']:.2f}"),
+            ("MIA AUC (loss)", lambda r: f"{r['after']['mia_auc']['loss']:.3f}"),
+            ("format ok", lambda r: f"{r['after']['fluency']['format_ok']:.3f}"),
+            ("forget quality", lambda r: f"{r['after'].get('forget_quality', float('nan')):.3g}")]
+    rows = dict(summary, oracle=dict(stopped_by="-", steps="-", time_s=0.0, after=oracle))
+    lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(str(get(r)) for _, get in cols) + " |" for m, r in rows.items()]
+    return "\n".join(lines)
+
+
+def plot(summary, oracle, path):
+    """Forget EL_10 against retain perplexity and against MIA AUC, one point per method, the oracle a star.
+    matplotlib is imported only here; without it the run goes on without the picture."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (label, get) in zip(axes, [("retain perplexity", lambda e: e["retain"]["ppl"]),
+                                       ("MIA AUC forget vs holdout (loss)", lambda e: e["mia_auc"]["loss"])]):
+        for m, r in summary.items():
+            ax.scatter(get(r["after"]), r["after"]["forget"]["el10"], s=18)
+            ax.annotate(m, (get(r["after"]), r["after"]["forget"]["el10"]), fontsize=7)
+        ax.scatter(get(oracle), oracle["forget"]["el10"], marker="*", s=200, c="k", label="oracle")
+        ax.set_xlabel(label)
+        ax.set_ylabel("forget EL10")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
+
+
 def run(cfg):
+    if not 1 <= cfg.requests:
+        raise UserError(f"--requests must be at least 1, got {cfg.requests}")
     try:  # fail now, not after minutes of training, when the out dir cannot be written
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, ".probe")
@@ -583,14 +919,19 @@ def run(cfg):
         raise UserError(f"cannot write to --out_dir {cfg.out_dir}: {e.strerror}")
     torch.manual_seed(cfg.seed)
     meta, data = load_data(cfg)
+    if cfg.requests > len(data["forget"]):
+        raise UserError(f"--requests {cfg.requests} is more than the {len(data['forget'])} forget samples")
     enc = gpt2_encoding()
     meta["decode"] = lambda ids: enc.decode([meta["vocab"][i] for i in ids])
     target = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
-    oracle = load_or_train(cfg, meta, data, "oracle", ("retain",)) if cfg.oracle else None
+    # the oracle: on request, and always for `all` (marked in the plot) and `rum` (its proxies' reference)
+    oracle = load_or_train(cfg, meta, data, "oracle", ("retain",)) if cfg.oracle or cfg.method in ("all", "rum") else None
     print("evaluating the target model")
     before = evaluate(target, target, data, cfg, meta)
-    thresholds = {"ma": before["holdout"]["ma"], "el10": before["holdout"]["el10"]}
-    print(f"thresholds (the target's holdout level): MA {thresholds['ma']:.3f}, EL{cfg.el_n} {thresholds['el10']:.3f}")
+    # Jang et al.'s stopping rule: the target's level on unseen data. Our choice: EL_10 is floored at 0.001,
+    # since a small holdout can score exactly 0, which a lone stray 10-gram in the forget set would then miss.
+    thresholds = {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3)}
+    print(f"thresholds (the target's holdout level): MA {thresholds['ma']:.3f}, EL{cfg.el_n} {thresholds['el10']:.4f}")
     columns = {"before": before}
     if oracle is not None:
         print("evaluating the oracle")
@@ -605,10 +946,22 @@ def run(cfg):
                    config=asdict(cfg))
         if oracle is not None:
             res["oracle"] = columns["oracle"]
+        if method == "rum":  # the proxies' quality, like the paper's table
+            res["rum"]["quality"] = proxy_quality(target, oracle, data, cfg)
+            print("| proxy | Spearman vs loss gap (oracle - target) | cost s |\n|---|---|---|")
+            for name, q in res["rum"]["quality"].items():
+                print(f"| {name} | {q['spearman']:.3f} | {q['cost_s']:.2f} |")
         write_json(os.path.join(cfg.out_dir, method, "results.json"), res)
         summary[method] = res
         print(table({**columns, method: res["after"]}))
         print(f"wrote {os.path.join(cfg.out_dir, method, 'results.json')}")
+    if cfg.method == "all":
+        md = comparison(summary, columns["oracle"])
+        print(md)
+        with open(os.path.join(cfg.out_dir, "comparison.md.tmp"), "w") as f:
+            f.write(md + "\n")
+        os.replace(os.path.join(cfg.out_dir, "comparison.md.tmp"), os.path.join(cfg.out_dir, "comparison.md"))
+        plot(summary, columns["oracle"], os.path.join(cfg.out_dir, "comparison.png"))
     return summary
 
 
