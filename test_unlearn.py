@@ -376,7 +376,7 @@ def test_mia_auc_and_ks_by_hand():
 
 
 # ---- unlearn.py: the methods on a tiny memorized model ---------------------------------------------------
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--memorized=0.9", "--train_epochs=150", "--epochs=16", "--lr=1e-3",
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--memorized=0.9", "--train_epochs=150", "--epochs=16", "--lr=1e-3", "--eul_lr=1e-1",
         "--eval_n=8", "--rank=4"]
 
 

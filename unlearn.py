@@ -63,7 +63,7 @@ class Config:
     epochs: int = 30           # the budget; the stopping rule usually ends earlier
     lr: float = 3e-4           # full-weight methods (ga, gd, kl, npo, ih, icu, rum)
     lora_lr: float = 1e-2      # adapter methods (_lora, _flora)
-    eul_lr: float = 1e-1       # EUL's layers start as the identity, where its KL terms have zero gradient
+    eul_lr: float = 1e-2       # EUL's layers (more steps than LoRA: at the identity start its KL terms have zero gradient)
     rank: int = 8              # LoRA rank r; alpha = 2r (design notes)
     npo_beta: float = 0.1
     el_n: int = 10             # n of EL_n
@@ -899,6 +899,7 @@ def plot(summary, oracle, path):
             ax.annotate(m, (get(r["after"]), r["after"]["forget"]["el10"]), fontsize=7)
         ax.scatter(get(oracle), oracle["forget"]["el10"], marker="*", s=200, c="k", label="oracle")
         ax.set_xlabel(label)
+        ax.set_xscale("log" if "perplexity" in label else "linear")  # collapsed models reach 1e6 and beyond
         ax.set_ylabel("forget EL10")
         ax.legend()
     fig.tight_layout()
@@ -939,9 +940,16 @@ def run(cfg):
         before["forget_quality"] = ks_pvalue(before["forget_losses"], columns["oracle"]["forget_losses"])
     oracle_losses = columns["oracle"]["forget_losses"] if oracle is not None else None
     methods = METHODS if cfg.method == "all" else (cfg.method,)
-    summary = {}
+    summary, failed = {}, []
     for method in methods:
-        res, _ = run_method(method, target, data, meta, cfg, thresholds, oracle_losses)
+        try:
+            res, _ = run_method(method, target, data, meta, cfg, thresholds, oracle_losses)
+        except UserError as e:  # one method's failure (a non-finite loss) does not end `all`
+            if cfg.method != "all":
+                raise
+            print(f"error: {e}; going on with the other methods", file=sys.stderr)
+            failed.append(method)
+            continue
         res.update(dataset=cfg.dataset, thresholds=thresholds, before=before, mia_auc=res["after"]["mia_auc"],
                    config=asdict(cfg))
         if oracle is not None:
@@ -962,6 +970,8 @@ def run(cfg):
             f.write(md + "\n")
         os.replace(os.path.join(cfg.out_dir, "comparison.md.tmp"), os.path.join(cfg.out_dir, "comparison.md"))
         plot(summary, columns["oracle"], os.path.join(cfg.out_dir, "comparison.png"))
+    if failed:
+        raise UserError(f"{', '.join(failed)} stopped on a non-finite loss (see above); the others are reported")
     return summary
 
 
