@@ -814,8 +814,9 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle_losses):
     eul_requests, per_request, forgotten_at = [], [], [None] * len(forget)
     for k, idx in enumerate(chunks, 1):
         res = apply_method(method, model, target, forget.take(idx), retain, data, cfg, thresholds, eul_requests)
-        for key in total:
-            total[key] = total[key] + res[key] if key != "trainable_params" else max(total[key], res[key])
+        total["steps"] += res["steps"]
+        total["tokens"] += res["tokens"]
+        total["trainable_params"] = max(total["trainable_params"], res["trainable_params"])
         for i, e in zip(idx.tolist(), res["forgotten_at"] or []):
             forgotten_at[i] = e
         if cfg.requests > 1:  # the state after each request, on everything deleted so far
