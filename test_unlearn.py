@@ -505,8 +505,15 @@ def test_bad_input_unwritable_out_dir(tmp_path, capsys):
     fails_with(["--out_dir", str(tmp_path / "file" / "out")], capsys, "cannot write to --out_dir")
 
 
-def test_bad_input_requests(tiny, capsys):
+def test_bad_input_requests_and_sizes(tiny, capsys):
     fails_with(tiny["argv"] + ["--requests", "0"], capsys, "--requests must be at least 1")
+    fails_with(tiny["argv"] + ["--batch_size", "0"], capsys, "--batch_size must be at least 1")
+    fails_with(tiny["argv"] + ["--requests", "99"], capsys, "more than the 8 forget samples")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_bad_input_cuda_without_gpu(tiny, capsys):
+    fails_with(tiny["argv"] + ["--device", "cuda"], capsys, "no CUDA GPU")
 
 
 # ---- the other seeds' pieces, on cases with known answers -------------------------------------------------
@@ -599,3 +606,23 @@ def test_fila_leaves_the_function_unchanged_at_step_0(tiny):
     layers = model.lora_layers()
     assert all(m.lora_B.abs().max() > 1e-3 and m.lora_A.shape[0] == cfg.rank for m in layers)
     assert [p.requires_grad for p in model.parameters()].count(True) == 2 * len(layers)  # only A and B train
+
+
+def test_target_from_gpt2_weights(tiny, tmp_path):
+    """--init_from a local transformers GPT-2 (the offline stand-in for 'gpt2'): the target starts from those
+    weights, restricted to the dataset's tokens, is fine-tuned, cached, and reused."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                                                              vocab_size=50257))
+    hf.save_pretrained(tmp_path / "gpt2")
+    cfg = unlearn.parse_args(tiny["argv"] + ["--init_from", str(tmp_path / "gpt2"), "--train_epochs=1",
+                                             "--out_dir", str(tmp_path / "out")])
+    os.makedirs(cfg.out_dir)
+    meta, data = tiny["meta"], tiny["data"]
+    model = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    assert model.config.vocab_size == len(meta["vocab"]) and model.config.n_embd == 32
+    eot = meta["vocab"].index(50256)  # the dataset's id of GPT-2's <|endoftext|>: its embedding came along
+    assert not torch.equal(model.transformer.wte.weight[eot], hf.transformer.wte.weight[50256])  # fine-tuned
+    again = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -13,6 +13,7 @@ those of design notes; each function names its paper.
 import argparse
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -44,28 +45,28 @@ METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS) + ("icu", "eul", "rum")
 class Config:
     method: str = "ih_flora"   # see METHODS, or "all"
     dataset: str = "people"    # a folder under data_dir with meta.json and {forget,retain,holdout}.bin
-    data_dir: str = os.path.join(ROOT, "data")
+    data_dir: str = os.path.join(ROOT, "data")  # where the dataset folders are
     out_dir: str = ""          # default: out/<dataset>
     device: str = ""           # default: cuda when present, else cpu
-    seed: int = 1337
+    seed: int = 1337           # the same command gives the same numbers
     oracle: bool = False       # also train (or reuse) the model on retain only: exact unlearning
     # the target model (trained from scratch when init_from is "scratch", else fine-tuned from GPT-2 weights)
     init_from: str = "scratch" # "scratch", "gpt2", "gpt2-medium", ... or a local transformers folder
-    n_layer: int = 4
+    n_layer: int = 4           # the from-scratch target: blocks, heads, width
     n_head: int = 4
     n_embd: int = 128
-    train_lr: float = 1e-2
-    train_batch: int = 32
+    train_lr: float = 1e-2     # AdamW, 50 warmup steps, then constant
+    train_batch: int = 32      # records a step while training the target (and RUM's holdout proxy)
     train_epochs: int = 300    # at most; training stops once train MA >= memorized
-    memorized: float = 0.95  # the first token of a record (a name) cannot be memorized: MA tops out below 1
+    memorized: float = 0.95    # the first token of a record (a name) cannot be memorized: MA tops out below 1
     # unlearning
-    batch_size: int = 8       # forget samples a step (and as many retain samples)
-    epochs: int = 30           # the budget; the stopping rule usually ends earlier
+    batch_size: int = 8        # forget samples a step (and as many retain samples)
+    epochs: int = 30           # the budget, in passes over the forget set; the stopping rule may end it earlier
     lr: float = 3e-4           # full-weight methods (ga, gd, kl, npo, ih, icu, rum)
     lora_lr: float = 1e-2      # adapter methods (_lora, _flora)
     eul_lr: float = 1e-2       # EUL's layers (more steps than LoRA: at the identity start its KL terms have zero gradient)
     rank: int = 8              # LoRA rank r; alpha = 2r (design notes)
-    npo_beta: float = 0.1
+    npo_beta: float = 0.1      # NPO's β
     el_n: int = 10             # n of EL_n
     proxy: str = "confidence"  # rum: the memorization proxy, one of PROXIES
     requests: int = 1          # the forget set as K sequential deletion requests, applied one after another
@@ -73,19 +74,20 @@ class Config:
 
 
 def parse_args(argv=None):
+    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
         if f.type is bool:  # "--oracle" alone means true
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
-                           const=True, default=f.default)
+                           const=True, default=f.default, help=helps.get(f.name))
         elif f.name == "method":
             p.add_argument("--method", default=f.default, choices=METHODS + ("all",),
                            metavar="METHOD", help="one of: " + ", ".join(METHODS + ("all",)))
         elif f.name == "proxy":
-            p.add_argument("--proxy", default=f.default, choices=tuple(PROXIES))
+            p.add_argument("--proxy", default=f.default, choices=tuple(PROXIES), help=helps.get(f.name))
         else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default)
+            p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=helps.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.dataset)
@@ -910,8 +912,11 @@ def plot(summary, oracle, path):
 
 
 def run(cfg):
-    if not 1 <= cfg.requests:
-        raise UserError(f"--requests must be at least 1, got {cfg.requests}")
+    for name in ("requests", "batch_size", "train_batch", "epochs", "rank"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}, but PyTorch sees no CUDA GPU here; use --device cpu")
     try:  # fail now, not after minutes of training, when the out dir cannot be written
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, ".probe")
