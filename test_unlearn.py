@@ -626,3 +626,18 @@ def test_target_from_gpt2_weights(tiny, tmp_path):
     assert not torch.equal(model.transformer.wte.weight[eot], hf.transformer.wte.weight[50256])  # fine-tuned
     again = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_same_command_same_numbers(tiny):
+    """Seeds make runs repeatable: the same method twice on the CPU gives the same weights, bit for bit."""
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    cfg = __import__("dataclasses").replace(cfg, epochs=2)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(cfg.seed)
+        model = __import__("copy").deepcopy(target)
+        unlearn.apply_method("ih_lora", model, target, data["forget"], data["retain"], data, cfg,
+                             {"ma": 0.0, "el10": 0.0}, [])
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["transformer.h.0.mlp.c_fc.weight"], target.state_dict()["transformer.h.0.mlp.c_fc.weight"])

@@ -936,7 +936,7 @@ def run(cfg):
     print("evaluating the target model")
     before = evaluate(target, target, data, cfg, meta)
     # Jang et al.'s stopping rule: the target's level on unseen data. Our choice: EL_10 is floored at 0.001,
-    # since a small holdout can score exactly 0, which a lone stray 10-gram in the forget set would then miss.
+    # since a small holdout can score exactly 0, and one stray 10-gram in the forget set would then block the rule.
     thresholds = {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3)}
     print(f"thresholds (the target's holdout level): MA {thresholds['ma']:.3f}, EL{cfg.el_n} {thresholds['el10']:.4f}")
     columns = {"before": before}
