@@ -143,8 +143,6 @@ def minibatch_fisher(x, g):
 
 def bench_fisher(n_seq, n_tok, n_layers, dtype, dev, repeats, cuda):
     print(f"\n### (b) Fisher diagonal + per-sample norms, {n_seq} sequences x {n_tok} tokens\n")
-    row("linear", "in -> out", "layers", "method", "time (ms)", "peak extra (MiB)", "x model fwd+bwd")
-    row(*["---"] * 7)
     methods = {("Triton kernel" if cuda else "twin (sample chunks)"): kernels.grad_sq,
                "vmap(grad) materialized": vmap_fisher,
                "squared mini-batch grad": minibatch_fisher}
@@ -155,6 +153,8 @@ def bench_fisher(n_seq, n_tok, n_layers, dtype, dev, repeats, cuda):
                        torch.randn(n_seq, n_tok, OUT, device=dev, generator=g).to(dtype)) for _ in range(n_layers)]
     if MODEL_FWD_BWD_MS is not None:
         print(f"(one forward + backward of the whole model on these tokens: {MODEL_FWD_BWD_MS:.1f} ms)\n")
+    row("linear", "in -> out", "layers", "method", "time (ms)", "peak extra (MiB)", "x model fwd+bwd")
+    row(*["---"] * 7)
     ratio = lambda ms: "—" if MODEL_FWD_BWD_MS is None or isinstance(ms, str) else f"{ms / MODEL_FWD_BWD_MS:.2f}"
     for method, f in methods.items():
         for name, IN, OUT in GPT2_LINEARS:
