@@ -641,3 +641,12 @@ def test_same_command_same_numbers(tiny):
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not torch.equal(states[0]["transformer.h.0.mlp.c_fc.weight"], target.state_dict()["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_confidence_proxy_by_hand():
+    """RUM's confidence: the mean probability of the true tokens over the record's own tokens, not padding."""
+    split = hand_split([[0, 1, 2, 3, 4, 5, 9, 9]], [6], [[]])
+    model = Oracle([0, 1, 2, 7, 4, 8, 9, 9])  # right on 3 of 5 targets, with p = softmax of 10 vs 0s
+    p = torch.softmax(torch.tensor([10.0] + [0.0] * 9), 0)
+    expect = (3 * p[0] + 2 * p[1]) / 5
+    assert unlearn.proxy_confidence(model, split, None, None)[0] == pytest.approx(expect.item(), rel=1e-5)

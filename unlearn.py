@@ -681,7 +681,7 @@ def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
 def proxy_confidence(target, forget, data, cfg):
     """Mean probability θ0 gives the true tokens (the paper's best cheap proxy)."""
     s = split_stats(target, forget)
-    return (s["logp"].exp().sum(1) / s["count"]).cpu().numpy()
+    return ((s["logp"].exp() * (forget.y != -100)).sum(1) / s["count"]).cpu().numpy()  # padding: logp 0
 
 
 def proxy_loss(target, forget, data, cfg):
