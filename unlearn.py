@@ -373,13 +373,17 @@ def loss_gd(model, ref, f, r, cfg):
     return -nll(model, f) + nll(model, r)
 
 
+def vocab_logprobs(model, batch):
+    """log p_θ(v) for every vocabulary entry at the batch's target positions, [tokens, V]: full logits, which
+    the KL terms need (the fused kernel covers CE and IH only)."""
+    return (model(batch.x)[batch.y != -100] @ model.lm_head.weight.t()).float().log_softmax(-1)
+
+
 def kl_to_ref(model, ref, batch):
-    """KL(p_θ0 ‖ p_θ) over the vocabulary, mean over the batch's tokens (full logits of the batch)."""
-    mask = batch.y != -100
-    logq = (model(batch.x)[mask] @ model.lm_head.weight.t()).float().log_softmax(-1)
+    """KL(p_θ0 ‖ p_θ) over the vocabulary, mean over the batch's tokens."""
     with torch.no_grad():
-        logp = (ref(batch.x)[mask] @ ref.lm_head.weight.t()).float().log_softmax(-1)
-    return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+        logp = vocab_logprobs(ref, batch)
+    return F.kl_div(vocab_logprobs(model, batch), logp, log_target=True, reduction="batchmean")
 
 
 def loss_kl(model, ref, f, r, cfg):
@@ -558,9 +562,10 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
         ma, el, done = forget_check(model, forget, thresholds, cfg)
         print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el:.4f} "
               + (f"| active {len(active)} " if refine else "") + f"| {time.time() - t0:.1f}s")
-        if done or len(active) == 0:
+        done = done or len(active) == 0
+        if done:
             break
-    return dict(stopped_by="threshold" if done or len(active) == 0 else "budget", steps=steps, tokens=tokens,
+    return dict(stopped_by="threshold" if done else "budget", steps=steps, tokens=tokens,
                 trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine else None)
 
 
@@ -718,11 +723,11 @@ def proxy_holdout(target, forget, data, cfg, epochs=5):
             opt.zero_grad(set_to_none=True)
     tuned.eval()
     with torch.no_grad():
+        logp, logq = vocab_logprobs(target, forget), vocab_logprobs(tuned, forget)
+        sym = ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)  # one per target token, row by row
         mask = forget.y != -100
-        logp = (target(forget.x) @ target.lm_head.weight.t()).float().log_softmax(-1)
-        logq = (tuned(forget.x) @ tuned.lm_head.weight.t()).float().log_softmax(-1)
-        sym = ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)
-        return ((sym * mask).sum(1) / mask.sum(1)).cpu().numpy()
+        per_row = torch.zeros(len(mask), device=sym.device).index_add_(0, mask.nonzero()[:, 0], sym)
+        return (per_row / mask.sum(1)).cpu().numpy()
 
 
 PROXIES = dict(confidence=proxy_confidence, loss=proxy_loss, ma=proxy_ma, el=proxy_el, gradnorm=proxy_gradnorm,
