@@ -325,7 +325,13 @@ import unlearn  # noqa: E402
 
 
 def hand_split(rows, lengths, secrets):
-    return unlearn.Split(np.array(rows, dtype=np.uint16), lengths, secrets, "cpu")
+    """A Split from rows, each row's length (positions 1..length-1 are scored) and its secret spans."""
+    kind = np.zeros((len(rows), len(rows[0])), dtype=np.uint8)
+    for i, (l, spans) in enumerate(zip(lengths, secrets)):
+        kind[i, 1:l] = 1
+        for s, e in spans:
+            kind[i, s:e] = 3
+    return unlearn.Split(np.array(rows), kind, "cpu")
 
 
 class Oracle(torch.nn.Module):
@@ -365,6 +371,10 @@ def test_extraction_likelihood_by_hand():
     el, secrets = unlearn.extraction(Oracle([0, 1, 2, 3, 4, 5, 6, 9]), split, n=2)
     assert el.item() == pytest.approx((5 / 6 + 4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 6)
     assert secrets.item() == 1
+    # Jang et al. count the generation's n-grams found among the true ones: a loop on the true bigram (1, 2)
+    # scores 3 of its 6 bigrams from prefix length 1 (and 0 after), where "true bigrams found" would give 1/6
+    el, _ = unlearn.extraction(Oracle([0, 1, 2, 1, 2, 1, 2, 1]), split, n=2)
+    assert el.item() == pytest.approx((3 / 6) / 6)
 
 
 def test_mia_auc_and_ks_by_hand():
@@ -376,8 +386,8 @@ def test_mia_auc_and_ks_by_hand():
 
 
 # ---- unlearn.py: the methods on a tiny memorized model ---------------------------------------------------
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--memorized=0.9", "--train_epochs=150", "--epochs=16", "--lr=1e-3", "--eul_lr=1e-1",
-        "--eval_n=8", "--rank=4"]
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--train_epochs=30", "--patience=0", "--epochs=16", "--lr=1e-3",
+        "--eul_lr=1e-1", "--eval_n=8", "--rank=4"]
 
 
 @pytest.fixture(scope="session")
@@ -388,12 +398,13 @@ def tiny(tmp_path_factory):
     spec = __import__("importlib.util").util.spec_from_file_location("prepare", os.path.join(unlearn.ROOT, "data", "people", "prepare.py"))
     prepare = __import__("importlib.util").util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    prepare.main(["--n_forget", "8", "--n_retain", "40", "--n_holdout", "16", "--out_dir", str(root / "data" / "people")])
+    prepare.main(["--n_forget", "8", "--n_retain", "100", "--n_holdout", "16", "--out_dir", str(root / "data" / "people" / "gpt2")])
     argv = TINY + ["--data_dir", str(root / "data"), "--out_dir", str(root / "out"), "--device=cpu"]
     cfg = unlearn.parse_args(argv)
     os.makedirs(cfg.out_dir)
-    meta, data = unlearn.load_data(cfg)
-    target = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    meta, data = unlearn.load_data(cfg, unlearn.load_tokenizer("gpt2"))
+    target, events = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    data["forget"].events = events
     holdout = unlearn.split_stats(target, data["holdout"])["ma"]
     return dict(argv=argv, cfg=cfg, meta=meta, data=data, target=target, root=root,
                 thresholds={"ma": holdout, "el10": 1e-3})

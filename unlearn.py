@@ -12,6 +12,7 @@ those of design notes; each function names its paper.
 """
 import argparse
 import copy
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -21,6 +22,7 @@ import re
 import sys
 import time
 import zlib
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -30,7 +32,12 @@ import torch.nn.functional as F
 from kernels import grad_sq, linear_loss, token_stats
 from model import GPT, GPTConfig
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+import common  # noqa: E402  (data/common.py: tokenizers and the prepared data format)
+from common import SECRET  # noqa: E402
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER_PROBE = "Unlearning: 0123456789 café, naïve — 😀 <code>x = y[i] + 1</code>"  # same ids, same tokenizer
 torch.set_flush_denormal(True)  # on a CPU, the tiny floats unlearning leaves behind would slow math 10-100x
 LOSSES = ("ga", "gd", "kl", "npo", "ih")
 ADAPTERS = ("", "_lora", "_flora")
@@ -44,21 +51,24 @@ METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS) + ("icu", "eul", "rum")
 @dataclass
 class Config:
     method: str = "ih_flora"   # see METHODS, or "all"
-    dataset: str = "people"    # a folder under data_dir with meta.json and {forget,retain,holdout}.bin
-    data_dir: str = os.path.join(ROOT, "data")  # where the dataset folders are
+    dataset: str = "people"    # people (the embedded testbed), tdec or tofu: data/<dataset>/prepare.py makes it
+    data_dir: str = os.path.join(ROOT, "data")  # where the prepared datasets are cached, one folder per tokenizer
     out_dir: str = ""          # default: out/<dataset>
     device: str = ""           # default: cuda when present, else cpu
     seed: int = 1337           # the same command gives the same numbers
     oracle: bool = False       # also train (or reuse) the model on retain only: exact unlearning
-    # the target model (trained from scratch when init_from is "scratch", else fine-tuned from GPT-2 weights)
-    init_from: str = "scratch" # "scratch", "gpt2", "gpt2-medium", ... or a local transformers folder
+    # the target model: trained from scratch, or a pretrained checkpoint fine-tuned on the data (or taken as it is)
+    init_from: str = "scratch" # "scratch", or a transformers checkpoint: hub id (gpt2, EleutherAI/gpt-neo-125m, ...) or folder
+    oracle_from: str = ""      # a ready oracle checkpoint (TOFU's retain models) instead of training one on retain
+    forget_set: str = ""       # the dataset's forget set (tdec: lm_extraction_32_0, ...; tofu: forget01|05|10); default its own
+    dtype: str = ""            # float32 or bfloat16; default bf16 on a GPU that supports it, else fp32
     n_layer: int = 4           # the from-scratch target: blocks, heads, width
     n_head: int = 4
     n_embd: int = 128
-    train_lr: float = 1e-2     # AdamW, 50 warmup steps, then constant
+    train_lr: float = 1e-2     # AdamW, weight decay 0.1, 50 warmup steps, then constant
     train_batch: int = 32      # records a step while training the target (and RUM's holdout proxy)
-    train_epochs: int = 300    # at most; training stops once train MA >= memorized
-    memorized: float = 0.95    # the first token of a record (a name) cannot be memorized: MA tops out below 1
+    train_epochs: int = 100    # at most; with a holdout, training stops when its loss stops improving; 0: the checkpoint as it is
+    patience: int = 3          # epochs without a better holdout loss before training stops (the best epoch is kept); 0: all epochs
     # unlearning
     batch_size: int = 8        # forget samples a step (and as many retain samples)
     epochs: int = 30           # the budget, in passes over the forget set; the stopping rule may end it earlier
@@ -69,14 +79,17 @@ class Config:
     npo_beta: float = 0.1      # NPO's β
     el_n: int = 10             # n of EL_n
     proxy: str = "confidence"  # rum: the memorization proxy, one of PROXIES
+    rum_plan: str = "neggrad+" # rum: NegGrad+ for every third (RUM's code), or "mixed" (npo, ih, gd)
     requests: int = 1          # the forget set as K sequential deletion requests, applied one after another
     eval_n: int = 64           # retain records used for the (costly) generation metrics
+    seeds: int = 1             # run each method with K unlearning seeds (seed, seed+1, ...): tables show mean ± std
 
 
 def parse_args(argv=None):
     helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: (print(f"error: {msg} (python unlearn.py -h lists the options)", file=sys.stderr), sys.exit(2))
     for f in fields(Config):
         if f.type is bool:  # "--oracle" alone means true
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
@@ -90,7 +103,8 @@ def parse_args(argv=None):
             p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=helps.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.dataset)
+    tag = "" if cfg.init_from == "scratch" else "-" + common.Tokenizer(cfg.init_from, *[None] * 6).tag
+    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.dataset + tag)
     return cfg
 
 
@@ -103,14 +117,17 @@ class UserError(Exception):
 
 
 class Split:
-    def __init__(self, rows, lengths, secrets, device):
-        self.rows = torch.as_tensor(rows.astype(np.int64), device=device)
-        self.lengths = torch.as_tensor(lengths, device=device)
-        self.secrets = secrets  # per row: [start, end) token spans only memorization can reproduce
+    """Token rows [n, L] of one split and the kind of every position (data/common.py: 0 not scored, 1 text,
+    2 fact, 3 secret). x predicts y: y is the next token where it is scored, -100 elsewhere."""
+
+    def __init__(self, rows, kind, device):
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
+        self.kind = torch.as_tensor(np.asarray(kind, dtype=np.uint8), device=device)
         self.x = self.rows[:, :-1]
-        pos = torch.arange(1, self.rows.size(1), device=device)
-        # predict every token after <eot> up to and including the closing <eot>; padding is ignored
-        self.y = torch.where(pos[None] < self.lengths[:, None], self.rows[:, 1:], -100)
+        self.y = torch.where(self.kind[:, 1:] > 0, self.rows[:, 1:], -100)
+        scored = self.kind > 0  # a row ends after its last scored token (its closing eot)
+        self.lengths = scored.shape[1] - scored.flip(1).int().argmax(1)
+        self.events = None  # the forget split: per row, the learning events of the target's training (RUM)
 
     def __len__(self):
         return len(self.rows)
@@ -118,36 +135,66 @@ class Split:
     def take(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
         new = copy.copy(self)
-        new.rows, new.lengths, new.x, new.y = self.rows[idx], self.lengths[idx], self.x[idx], self.y[idx]
-        new.secrets = [self.secrets[i] for i in idx.tolist()]
+        for k in ("rows", "kind", "x", "y", "lengths"):
+            setattr(new, k, getattr(self, k)[idx.to(self.rows.device)])
+        if self.events is not None:
+            new.events = {k: v[idx] for k, v in self.events.items()}
         return new
 
+    def secrets(self):
+        """Per row, the [start, end) spans of secret tokens (kind 3): what only memorization reproduces."""
+        out = []
+        for row in (self.kind == SECRET).int().tolist():
+            edges = np.flatnonzero(np.diff([0] + row + [0]))
+            out.append(edges.reshape(-1, 2).tolist())
+        return out
 
-def load_data(cfg):
-    folder = os.path.join(cfg.data_dir, cfg.dataset)
+
+def load_tokenizer(name):
+    try:
+        return common.load(name)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def load_data(cfg, tok):
+    """The dataset's splits in the prepared format, tokenized with `tok`; prepared (by data/<dataset>/prepare.py)
+    into data_dir/<dataset>/<tokenizer>[-<forget_set>]/ the first time. A from-scratch model gets a dense
+    vocabulary of the tokens the data uses (meta["vocab"]: its ids in the tokenizer), a pretrained one the
+    tokenizer's own."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset, tok.tag + (f"-{cfg.forget_set}" if cfg.forget_set else ""))
     if not os.path.exists(os.path.join(folder, "meta.json")):
         prepare = os.path.join(ROOT, "data", cfg.dataset, "prepare.py")
         if not os.path.exists(prepare):
-            prepare = os.path.join(folder, "prepare.py")
-        if cfg.dataset != "people":
-            hint = f"prepare it with: python {prepare}" if os.path.exists(prepare) else "no such dataset"
-            raise UserError(f"dataset '{cfg.dataset}' is missing ({folder}/meta.json not found); {hint}")
-        print(f"data: {folder} is missing, preparing it with {prepare}")
-        spec = importlib.util.spec_from_file_location("prepare", prepare)
+            known = sorted(d for d in os.listdir(os.path.join(ROOT, "data"))
+                           if os.path.exists(os.path.join(ROOT, "data", d, "prepare.py")))
+            raise UserError(f"dataset '{cfg.dataset}' is missing ({folder}/meta.json not found) and data/{cfg.dataset}/"
+                            f"prepare.py does not exist; known datasets: {', '.join(known)}")
+        argv = ["--tokenizer", tok.name, "--out_dir", folder] + (["--forget_set", cfg.forget_set] if cfg.forget_set else [])
+        print(f"data: preparing {folder} with {os.path.relpath(prepare, ROOT)} {' '.join(argv)}")
+        spec = importlib.util.spec_from_file_location(f"prepare_{cfg.dataset}", prepare)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.main(["--out_dir", folder])
+        try:
+            module.main(argv)
+        except SystemExit as e:  # prepare.py's own one-line errors
+            if e.code:
+                raise UserError(str(e.code).removeprefix("error: "))
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    splits = {}
-    for name in ("forget", "retain", "holdout"):
-        rows = np.fromfile(os.path.join(folder, f"{name}.bin"), dtype=np.uint16).reshape(-1, meta["seq_len"])
-        splits[name] = Split(rows, meta["lengths"][name], meta.get("secrets", {}).get(name) or [[]] * len(rows),
-                             cfg.device)
+    arrays = {name: np.load(os.path.join(folder, f"{name}.npz")) for name in meta["splits"]}
+    if cfg.init_from == "scratch":  # a dense vocabulary: a tiny model needs no embedding for unused tokens
+        meta["vocab"] = np.unique(np.concatenate([a["ids"].ravel() for a in arrays.values()])).tolist()
+        dense = np.zeros(max(meta["vocab"]) + 1, dtype=np.int64)
+        dense[meta["vocab"]] = np.arange(len(meta["vocab"]))
+        to_model = lambda ids: dense[ids]
+        meta["decode"] = lambda ids: tok.decode([meta["vocab"][i] for i in ids])
+    else:
+        meta["vocab"], to_model, meta["decode"] = None, lambda ids: ids, tok.decode
+    meta["eot_model"] = int(to_model(np.array([meta["eot"]]))[0])
+    splits = {name: Split(to_model(a["ids"]), a["kind"], cfg.device) for name, a in arrays.items()}
     if len(splits["forget"]) == 0:
         raise UserError(f"the forget set of {folder} is empty: there is nothing to unlearn")
-    if len(splits["holdout"]) == 0:
-        raise UserError(f"the holdout set of {folder} is empty: it sets the level of 'unseen'")
     return meta, splits
 
 
@@ -160,9 +207,13 @@ def batches(n, batch_size, gen):
 def cat(*splits):
     """One split made of several (forget ∪ retain is what the target model is trained on)."""
     new = copy.copy(splits[0])
-    for k in ("rows", "lengths", "x", "y"):
-        setattr(new, k, torch.cat([getattr(s, k) for s in splits]))
-    new.secrets = [spans for s in splits for spans in s.secrets]
+    L = max(s.rows.size(1) for s in splits)  # splits may differ in row length
+    pad = lambda t, v, n: F.pad(t, (0, n - t.size(1)), value=v)
+    new.rows = torch.cat([pad(s.rows, 0, L) for s in splits])  # any token: padding is never scored, and causal
+    new.kind = torch.cat([pad(s.kind, 0, L) for s in splits])
+    new.x, new.y = new.rows[:, :-1], torch.cat([pad(s.y, -100, L - 1) for s in splits])
+    new.lengths = torch.cat([s.lengths for s in splits])
+    new.events = None
     return new
 
 
@@ -182,59 +233,111 @@ def nll(model, batch):
     return token_loss(model, batch.x, batch.y).sum() / (batch.y != -100).sum()
 
 
-def train(model, data, cfg, name):
-    """AdamW on all weights until the model has memorized its data (train MA >= cfg.memorized)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr, weight_decay=0.0, betas=(0.9, 0.98))
+def train(model, data, holdout, cfg, name, watch=None):
+    """AdamW (weight decay 0.1, 50 warmup steps) on all weights. With a holdout: epoch after epoch until the
+    holdout loss has not improved for cfg.patience epochs, keeping the best weights, so the model learns what
+    the records have in common, and memorizes only what it sees again and again (the forget canaries).
+    Without one (TOFU, a fine-tuning protocol), cfg.train_epochs epochs.
+    watch: a split whose learning events (RUM's proxies) are recorded after every epoch and averaged."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr, weight_decay=0.1, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0, step = time.time(), 0
+    early = holdout is not None and cfg.patience > 0
+    t0, step, best, since_best, events = time.time(), 0, (float("inf"), None, 0), 0, []
     for epoch in range(1, cfg.train_epochs + 1):
         model.train()
         for idx in batches(len(data), cfg.train_batch, gen):
-            lr = cfg.train_lr * min(1.0, (step + 1) / 50)  # short warmup, then constant
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = cfg.train_lr * min(1.0, (step + 1) / 50)
             loss = nll(model, data.take(idx))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-        if epoch % 5 == 0 or epoch == cfg.train_epochs:
-            ma = split_stats(model, data)["ma"]
-            print(f"{name}: epoch {epoch} | loss {loss.item():.3f} | train MA {ma:.3f} | {time.time() - t0:.0f}s")
-            if ma >= cfg.memorized:
-                break
-    model.eval()
+        model.eval()
+        if watch is not None:
+            events.append(learning_events(model, watch))
+        line = f"{name}: epoch {epoch} | train loss {loss.item():.3f}"
+        if early:
+            held = split_stats(model, holdout)["loss"]
+            line += f" | holdout loss {held:.3f}"
+            if held < best[0]:
+                best, since_best = (held, copy.deepcopy(model.state_dict()), epoch), 0
+            else:
+                since_best += 1
+        print(f"{line} | {time.time() - t0:.0f}s")
+        if early and since_best >= cfg.patience:
+            break
+    if early:
+        print(f"{name}: keeping epoch {best[2]} (holdout loss {best[0]:.3f})")
+        model.load_state_dict(best[1])
+        events = events[:best[2]]
+    return {k: torch.stack([e[k] for e in events]).mean(0) for k in events[0]} if events else {}
+
+
+def fingerprint(cfg, meta, splits):
+    """What a cached model depends on: its training data and every training setting. A mismatch retrains."""
+    h = hashlib.sha256()
+    for s in splits:
+        h.update(s.rows.cpu().numpy().tobytes() + s.kind.cpu().numpy().tobytes())
+    keys = ("init_from", "dtype", "n_layer", "n_head", "n_embd", "train_lr", "train_batch", "train_epochs", "patience", "seed")
+    h.update(json.dumps([getattr(cfg, k) for k in keys] + [meta.get("forget_repeats", 1)]).encode())
+    return h.hexdigest()[:16]
+
+
+def model_dtype(cfg):
+    if cfg.dtype:
+        return getattr(torch, cfg.dtype)
+    # bf16 halves the weights' memory where the GPU computes in it natively; fp32 on the CPU (and for the tests)
+    return torch.bfloat16 if cfg.device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def pretrained(cfg, name, meta):
+    """A transformers checkpoint (hub id or folder) as our GPT, in the run's dtype."""
+    print(f"loading {name}")
+    try:
+        model = GPT.from_pretrained(name, dtype=model_dtype(cfg)).to(cfg.device)
+    except ValueError as e:
+        raise UserError(str(e))
+    if model.config.block_size < meta["seq_len"]:
+        raise UserError(f"{name} has a context of {model.config.block_size} tokens, shorter than the "
+                        f"{meta['seq_len']} of the data's records")
+    return model
 
 
 def load_or_train(cfg, meta, data, name, splits):
-    """The model trained on `splits`, from <out_dir>/<name>.pt when it is there, else trained and saved."""
-    path = os.path.join(cfg.out_dir, f"{name}.pt")
+    """The model trained on `splits` (the target: forget ∪ retain, each forget record meta["forget_repeats"]
+    times; the oracle: retain alone), from <out_dir>/<name>.pt when it was made from the same data and
+    settings, else trained and saved. From a pretrained checkpoint with --train_epochs 0 the target is the
+    checkpoint itself (TDEC: GPT-Neo memorized the Pile samples in pretraining)."""
+    train_on = [data[s] for s in splits for _ in range(meta.get("forget_repeats", 1) if s == "forget" else 1)]
+    if cfg.init_from != "scratch" and cfg.train_epochs == 0:
+        return pretrained(cfg, cfg.init_from, meta).eval(), {}
+    path, fp = os.path.join(cfg.out_dir, f"{name}.pt"), fingerprint(cfg, meta, train_on)
     if os.path.exists(path):
-        ckpt = torch.load(path, map_location=cfg.device, weights_only=False)
-        c = ckpt["model_args"]
-        if c["vocab_size"] != len(meta["vocab"]) or c["block_size"] < meta["seq_len"]:
-            raise UserError(f"{path} was trained for vocabulary {c['vocab_size']} and block size {c['block_size']}, "
-                            f"but {cfg.dataset} has {len(meta['vocab'])} and {meta['seq_len']}: "
-                            f"delete it or pick another --out_dir")
-        model = GPT(GPTConfig(**c)).to(cfg.device)
-        model.load_state_dict(ckpt["model"])
-        print(f"{name}: reusing {path}")
-        return model.eval()
-    print(f"{name}: no checkpoint at {path}, training on {' + '.join(splits)}")
+        try:
+            ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
+            model = GPT(GPTConfig(**ckpt["model_args"])).to(cfg.device)
+            model.load_state_dict(ckpt["model"])
+        except Exception as e:  # corrupted, or from another version of this code
+            raise UserError(f"cannot read {path} ({type(e).__name__}); delete it to train again")
+        if ckpt.get("fingerprint") == fp:
+            print(f"{name}: reusing {path}")
+            return model.eval(), ckpt.get("events", {})
+        print(f"{name}: {path} was made from other data or settings; training again")
+    print(f"{name}: training on {' + '.join(splits)}")
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=meta["seq_len"], vocab_size=len(meta["vocab"]),
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-    else:  # GPT-2 weights, restricted to the dataset's tokens and its sequence length
-        model = GPT.from_pretrained(cfg.init_from)
-        model.restrict_vocab(meta["vocab"])
-    model.to(cfg.device)
-    train(model, cat(data[splits[0]], data[splits[1]]) if len(splits) == 2 else data[splits[0]], cfg, name)
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
+    else:
+        model = pretrained(cfg, cfg.init_from, meta)
+    events = train(model, cat(*train_on), data.get("holdout"), cfg, name, watch=data["forget"] if name == "target" else None)
     tmp = path + ".tmp"  # written whole, then renamed: never a half-written checkpoint
-    torch.save({"model_args": asdict(model.config), "model": model.state_dict()}, tmp)
+    torch.save({"model_args": asdict(model.config), "model": model.state_dict(), "fingerprint": fp,
+                "events": events}, tmp)
     os.replace(tmp, path)
-    return model
+    return model, events
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,7 +362,8 @@ def split_stats(model, split):
     logp, hit = token_logprobs(model, split)
     count = (split.y != -100).sum(1)
     ma = hit.sum(1) / count
-    return dict(ma=ma.mean().item(), ppl=math.exp(-logp.sum().item() / count.sum().item()),
+    loss = -logp.sum().item() / count.sum().item()
+    return dict(ma=ma.mean().item(), loss=loss, ppl=math.exp(loss),
                 ma_per=ma, loss_per=-logp.sum(1) / count, logp=logp, count=count)
 
 
@@ -268,13 +372,14 @@ def extraction(model, split, n=10):
     """EL_n (extraction likelihood, Jang et al.) per sample, and per sample the number of its secrets that
     greedy decoding reproduces from the tokens before them.
 
-    EL_n(x) = sum_{t=1}^{T-n} overlap_n(greedy(x_<t), x_>=t) / (T - n), overlap_n the fraction of the true
-    suffix's n-grams found in the generation (cut to the suffix's length). Every sample is cut at the same
-    t, so each t is one batched generate() on the KV cache."""
+    EL_n(x) = sum_{t=1}^{T-n} overlap_n(greedy(x_<t), x_>=t) / (T - n), overlap_n the fraction of the
+    generation's n-grams (cut to the suffix's length) found among the true suffix's, as Jang et al.'s code
+    counts it: a generation that repeats one true n-gram scores high, unlike "true n-grams found". Every
+    sample is cut at the same t, so each t is one batched generate() on the KV cache."""
     N, L = split.rows.shape
     lengths = split.lengths
     starts = {}  # prefix length -> [(row, end)] of the secrets starting there
-    for i, spans in enumerate(split.secrets):
+    for i, spans in enumerate(split.secrets()):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
     el, extracted = torch.zeros(N, device=split.rows.device), torch.zeros(N)
@@ -282,8 +387,8 @@ def extraction(model, split, n=10):
         gen = model.generate(split.rows[:, :t], L - t)[:, t:]
         g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
         valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
-        same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None]  # [N, generated, true]
-        found = same.any(1) & valid
+        same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]  # [N, generated, true]
+        found = same.any(2)  # each generated n-gram: is it one of the true ones?
         el += found.sum(1) / valid.sum(1).clamp_min(1)
         for i, e in starts.get(t, []):
             extracted[i] += bool((gen[i, :e - t] == split.rows[i, t:e]).all())
@@ -296,17 +401,23 @@ def auc(members, nonmembers):
     return float((a > b).mean() + 0.5 * (a == b).mean())
 
 
-def mia_scores(stats, texts, k=0.2):
+def mia_scores(stats, split, texts, k=0.2):
     """Membership scores, higher = more likely trained on: LOSS (-NLL), zlib (-log-likelihood over the
     zlib-compressed length of the text, Carlini et al. 2021), Min-K% (mean of the k lowest token
-    log-probabilities, Shi et al. 2024)."""
+    log-probabilities, Shi et al. 2024), and LOSS on each kind of token alone (template text, facts,
+    secrets): which part of a record gives its membership away."""
     lp, count = stats["logp"], stats["count"]
     mink = []
-    for row, c in zip(lp, count.tolist()):
-        low = row[:c].sort().values[:max(1, int(k * c))]
-        mink.append(low.mean().item())
+    for row, y in zip(lp, split.y != -100):
+        c = int(y.sum())
+        mink.append(row[y].sort().values[:max(1, int(k * c))].mean().item())
     zl = np.array([len(zlib.compress(t.encode())) for t in texts])
-    return {"loss": (-stats["loss_per"]).cpu().numpy(), "zlib": lp.sum(1).cpu().numpy() / zl, "mink": np.array(mink)}
+    out = {"loss": (-stats["loss_per"]).cpu().numpy(), "zlib": lp.sum(1).cpu().numpy() / zl, "mink": np.array(mink)}
+    for name, kind in (("text", common.TEXT), ("fact", common.FACT), ("secret", common.SECRET)):
+        mask = split.kind[:, 1:] == kind
+        if mask.any(1).all():
+            out[f"loss_{name}"] = ((lp * mask).sum(1) / mask.sum(1)).cpu().numpy()
+    return out
 
 
 def ks_pvalue(a, b):
@@ -320,41 +431,109 @@ def ks_pvalue(a, b):
     return float(np.clip(2 * np.sum((-1.0) ** (j - 1) * np.exp(-2 * j ** 2 * lam ** 2)), 0.0, 1.0)) if lam > 0 else 1.0
 
 
+def secret_fields(text, template, secret_after):
+    """Character spans of the secret fields in a generated record: from the end of each phrase in
+    `secret_after` (e.g. "Phone:") to the next template phrase, or to the text's end."""
+    spans, pos = [], 0
+    for i, phrase in enumerate(template):
+        at = text.find(phrase, pos)
+        if at < 0:
+            continue
+        pos = at + len(phrase)
+        if phrase in secret_after:
+            ends = [text.find(p, pos) for p in template[i + 1:]]
+            ends = [e for e in ends if e >= 0]
+            spans.append((pos, min(ends) if ends else len(text)))
+    return spans
+
+
 @torch.no_grad()
-def fluency(model, ref, split, decode, fmt, prompt=4):
-    """Greedy continuations of the forget records' first tokens: the fraction that is still a well-formed
-    record (the dataset's format regex), and their perplexity under the original model θ0."""
-    L = split.rows.size(1)
-    gen = model.generate(split.rows[:, :prompt], L - prompt)
-    ok = [bool(re.fullmatch(fmt, decode(g[1:]).split("<|endoftext|>")[0])) for g in gen.tolist()] if fmt else []
-    y = gen[:, 1:].clone()
-    y[:, :prompt - 1] = -100  # score the continuation only
-    lp, _ = token_stats(ref(gen[:, :-1]).flatten(0, 1), ref.lm_head.weight, y.flatten())
-    return dict(format_ok=sum(ok) / len(ok) if ok else float("nan"),
-                ppl_ref=math.exp(-lp.sum().item() / (y != -100).sum().item()))
+def fluency(model, judge, split, meta, real_nll=None):
+    """Is the model still fluent where it was made to forget? Greedy continuations of the records' first
+    tokens (the name), up to the first <eot>, judged only by what needs no memory of the record:
+      fidelity    the fraction of the template's fixed phrases found, in order
+      repetition  the fraction of repeated token 3-grams (degenerate loops)
+      ppl         perplexity under `judge`, a model that never saw the forget set (the oracle), at the
+                  non-secret positions (a secret is random: no model should find it likely)
+      score       fidelity · (1 − repetition) · min(1, ppl_real / ppl), in [0, 1], with ppl_real the
+                  judge's perplexity on real held-out records at the same kind of positions: text as
+                  likely as real records scores 1 (without a judge the last factor is left out)
+    A check that rewards reproducing a secret would measure memorization, not fluency."""
+    decode, template, eot = meta["decode"], meta["template"], meta["eot_model"]
+    prompt_len = (split.kind == common.TEXT).int().argmax(1)  # the name: up to the first template token
+    out = dict(fidelity=[], repetition=[])
+    nll_sum = count = 0.0
+    for p in prompt_len.unique().tolist():
+        rows = (prompt_len == p).nonzero()[:, 0]
+        gen = model.generate(split.rows[rows, :p], split.rows.size(1) - p)
+        for g in gen.tolist():
+            g = g[:p + g[p:].index(eot)] if eot in g[p:] else g  # up to the first <eot>
+            pieces = [decode([t]) for t in g[1:]]
+            text = "".join(pieces)
+            found, pos = 0, 0
+            for phrase in template:
+                at = text.find(phrase, pos)
+                if at >= 0:
+                    found, pos = found + 1, at + len(phrase)
+            out["fidelity"].append(found / len(template))
+            grams = [tuple(g[i:i + 3]) for i in range(p, len(g) - 2)]
+            out["repetition"].append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+            if judge is not None and len(g) > p:
+                secret = secret_fields(text, template, meta["secret_after"])
+                ends = np.cumsum([len(s) for s in pieces])  # token i of g[1:] ends at ends[i]
+                keep = [i + 1 for i in range(len(pieces)) if i + 1 >= p and
+                        not any(a < ends[i] and ends[i] - len(pieces[i]) < b for a, b in secret)]
+                if keep:
+                    x = torch.tensor([g], device=split.rows.device)
+                    y = torch.full_like(x, -100)
+                    y[0, torch.tensor(keep) - 1] = x[0, keep]
+                    lp, _ = token_stats(judge(x[:, :-1]).flatten(0, 1), judge.lm_head.weight, y[:, :-1].flatten())
+                    nll_sum, count = nll_sum - lp.sum().item(), count + len(keep)
+    res = {k: float(np.mean(v)) for k, v in out.items()}
+    res["ppl"] = math.exp(nll_sum / count) if count else float("nan")
+    res["score"] = res["fidelity"] * (1 - res["repetition"])
+    if real_nll is not None and count:
+        res["score"] *= min(1.0, math.exp(real_nll) / res["ppl"])
+    return res
 
 
-def evaluate(model, ref, data, cfg, meta, oracle_losses=None):
-    """Every metric of the report for one model. The generation metrics of the three splits run as one
-    batch (retain: its first eval_n records), since generation costs per step more than per row."""
-    names = ("forget", "retain", "holdout")
+@torch.no_grad()
+def real_nll(judge, split):
+    """The judge's mean NLL on real records after their first template token, secrets left out: the level
+    a fluent continuation is measured against (see fluency)."""
+    logp, _ = token_logprobs(judge, split)
+    start = (split.kind == common.TEXT).int().argmax(1)
+    kind = split.kind[:, 1:]
+    mask = ((kind == common.TEXT) | (kind == common.FACT)) & (torch.arange(1, split.rows.size(1))[None] >= start[:, None])
+    return -(logp * mask).sum().item() / mask.sum().item()
+
+
+def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None):
+    """Every metric of the report for one model. judge: a model that never saw the forget set (the oracle),
+    for fluency. The generation metrics of the splits run as one batch (retain: its first eval_n records),
+    since generation costs per step more than per row."""
+    names = [s for s in ("forget", "retain", "holdout") if s in data]
     gen_splits = [data[s] if s != "retain" else data[s].take(range(min(cfg.eval_n, len(data[s])))) for s in names]
     el, extracted = extraction(model, cat(*gen_splits), cfg.el_n)
     out, stats, i = {}, {}, 0
     for name, split in zip(names, gen_splits):
         stats[name] = split_stats(model, data[name])
-        n_secrets = sum(len(s) for s in split.secrets)
+        n_secrets = sum(len(s) for s in split.secrets())
         out[name] = dict(ma=stats[name]["ma"], el10=el[i:i + len(split)].mean().item(), ppl=stats[name]["ppl"],
                          extraction=extracted[i:i + len(split)].sum().item() / n_secrets if n_secrets else float("nan"),
                          el_per=el[i:i + len(split)].tolist())
         i += len(split)
-    texts = {s: [meta["decode"](r[:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
-             for s in ("forget", "holdout")}
-    mf, mh = mia_scores(stats["forget"], texts["forget"]), mia_scores(stats["holdout"], texts["holdout"])
-    out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf}
-    out["fluency"] = fluency(model, ref, data["forget"], meta["decode"], meta.get("format"))
+    if "holdout" in data:  # membership inference: forget (trained on) against holdout (never)
+        texts = {s: [meta["decode"](r[1:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
+                 for s in ("forget", "holdout")}
+        mf, mh = (mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
+        out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf if k in mh}
+    if meta.get("template"):
+        level = real_nll(judge, data["holdout"]) if judge is not None else None
+        out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}
+        out["fluency"]["score"] = out["fluency"]["forget"]["score"]
     out["forget_losses"] = stats["forget"]["loss_per"].tolist()
-    if oracle_losses is not None:  # TOFU's forget quality: are the forget losses those of the oracle?
+    if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
     return out
 
@@ -503,6 +682,8 @@ def merge_adapters(model):
 def forget_check(model, forget, thresholds, cfg):
     """Forget MA and EL_n, and whether both are at or below the holdout's (EL only when MA is: it is costly)."""
     ma = split_stats(model, forget)["ma"]
+    if thresholds is None:  # a fixed budget (TOFU's protocol)
+        return ma, float("nan"), False
     el = extraction(model, forget, cfg.el_n)[0].mean().item() if ma <= thresholds["ma"] else float("nan")
     return ma, el, ma <= thresholds["ma"] and el <= thresholds["el10"]
 
@@ -683,20 +864,55 @@ def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
 # Each proxy scores every forget sample from the target model θ0, higher = more memorized.
 
 
+@torch.no_grad()
+def learning_events(model, split, batch_size=8):
+    """RUM's learning-event statistics of each sample at one point of training, per sample the mean over its
+    scored tokens of: confidence p(y_t), max-confidence max_v p(v), entropy of p, and binary accuracy
+    [argmax = y_t]. train() records them after every epoch of the target's training and averages them
+    (Jiang et al. 2021's learning events, as RUM uses them). Full logits, a few rows at a time: the forget set is small."""
+    out = {k: [] for k in ("confidence", "max_confidence", "entropy", "accuracy")}
+    for i in range(0, len(split), batch_size):
+        b = split.take(range(i, min(i + batch_size, len(split))))
+        logp = (model(b.x) @ model.lm_head.weight.t()).float().log_softmax(-1)
+        mask = (b.y != -100).float()
+        p_y = logp.gather(-1, b.y.clamp_min(0)[..., None])[..., 0].exp()
+        per_token = dict(confidence=p_y, max_confidence=logp.max(-1).values.exp(),
+                         entropy=-(logp.exp() * logp).sum(-1), accuracy=(logp.argmax(-1) == b.y).float())
+        for k, v in per_token.items():
+            out[k].append((v * mask).sum(1) / mask.sum(1))
+    return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+def events(forget, name):
+    if forget.events is None:
+        raise UserError(f"--proxy {name} reads the learning events of the target's training, and this target was "
+                        f"not trained here (--train_epochs 0): pick --proxy el, gradnorm or holdout")
+    return forget.events[name].numpy()
+
+
+# The learning-event proxies (RUM, after Jiang et al. 2021), each a mean over the target's training epochs.
+# Oriented as the paper has it: a sample the model learns early and confidently is typical (it would be
+# predicted without being seen), so high confidence means LOW memorization: the score is its negative.
+# proxy_quality() checks the orientation against the oracle - target loss gap on every run.
+
 def proxy_confidence(target, forget, data, cfg):
-    """Mean probability θ0 gives the true tokens (the paper's best cheap proxy)."""
-    s = split_stats(target, forget)
-    return ((s["logp"].exp() * (forget.y != -100)).sum(1) / s["count"]).cpu().numpy()  # padding: logp 0
+    """Minus the mean confidence p(y_t) along training (the paper's best cheap proxy)."""
+    return -events(forget, "confidence")
 
 
-def proxy_loss(target, forget, data, cfg):
-    """Minus the mean per-token loss under θ0."""
-    return (-split_stats(target, forget)["loss_per"]).cpu().numpy()
+def proxy_max_confidence(target, forget, data, cfg):
+    """Minus the mean max_v p(v) along training."""
+    return -events(forget, "max_confidence")
 
 
-def proxy_ma(target, forget, data, cfg):
-    """The sample's own memorization accuracy."""
-    return split_stats(target, forget)["ma_per"].cpu().numpy()
+def proxy_entropy(target, forget, data, cfg):
+    """The mean predictive entropy along training: uncertain predictions, atypical sample."""
+    return events(forget, "entropy")
+
+
+def proxy_accuracy(target, forget, data, cfg):
+    """Minus the mean binary accuracy [argmax = y_t] along training."""
+    return -events(forget, "accuracy")
 
 
 def proxy_el(target, forget, data, cfg):
@@ -730,8 +946,8 @@ def proxy_holdout(target, forget, data, cfg, epochs=5):
         return (per_row / mask.sum(1)).cpu().numpy()
 
 
-PROXIES = dict(confidence=proxy_confidence, loss=proxy_loss, ma=proxy_ma, el=proxy_el, gradnorm=proxy_gradnorm,
-               holdout=proxy_holdout)
+PROXIES = dict(confidence=proxy_confidence, max_confidence=proxy_max_confidence, entropy=proxy_entropy,
+               accuracy=proxy_accuracy, el=proxy_el, gradnorm=proxy_gradnorm, holdout=proxy_holdout)
 
 
 def spearman(a, b):
@@ -750,19 +966,33 @@ def spearman(a, b):
 
 def proxy_quality(target, oracle, data, cfg):
     """The paper's table for this testbed: each proxy's Spearman correlation with an expensive reference,
-    the per-sample loss gap between the oracle (never saw the sample) and θ0, and its cost in seconds."""
+    the per-sample loss gap between the oracle (never saw the sample) and θ0 (Feldman's memorization, in
+    loss), and its cost in seconds. A negative correlation means the proxy's orientation is wrong here."""
     forget = data["forget"]
     reference = (split_stats(oracle, forget)["loss_per"] - split_stats(target, forget)["loss_per"]).cpu().numpy()
     quality = {}
     for name, proxy in PROXIES.items():
         t0 = time.time()
-        scores = proxy(target, forget, data, cfg)
+        try:
+            scores = proxy(target, forget, data, cfg)
+        except UserError:  # no learning events: a checkpoint taken as it is
+            continue
         quality[name] = dict(spearman=spearman(scores, reference), cost_s=time.time() - t0)
     return quality
 
 
-# (third, loss, share of the epoch budget): the gentlest for the least memorized, the strongest for the most
-RUM_PLAN = (("low", "npo", 0.25), ("medium", "ih", 0.25), ("high", "gd", 0.5))
+def loss_neggrad_plus(alpha):
+    """NegGrad+ (Kurmanji et al. 2023), RUM's choice for every third: L = α·NLL_θ(r) − (1 − α)·NLL_θ(f)."""
+    return lambda model, ref, f, r, cfg: alpha * nll(model, r) - (1 - alpha) * nll(model, f)
+
+
+# (third, loss, share of the epoch budget), low -> medium -> high memorization. "neggrad+" is RUM's code
+# (kairanzhao/RUM, main_rum_proxy.py: NegGrad+ with α 0.99, 0.97, 0.97 for 5, 5, 10 epochs; its learning rates
+# 0.01, 0.01, 0.001 are SGD's on CIFAR, here every third runs at --lr). "mixed" gives each third its own
+# loss, the gentlest for the least memorized.
+RUM_PLANS = {"neggrad+": (("low", loss_neggrad_plus(0.99), 1), ("medium", loss_neggrad_plus(0.97), 1),
+                          ("high", loss_neggrad_plus(0.97), 2)),
+             "mixed": (("low", loss_npo, 1), ("medium", loss_ih, 1), ("high", loss_gd, 2))}
 
 
 def thirds(scores):
@@ -770,18 +1000,25 @@ def thirds(scores):
     return [torch.as_tensor(t.copy()) for t in np.array_split(np.argsort(scores, kind="stable"), 3)]
 
 
+def budgets(epochs, shares):
+    """Integer epochs in proportion to shares, adding up to `epochs` exactly (at least 1 each)."""
+    cuts = np.round(np.cumsum(shares) / sum(shares) * epochs).astype(int)
+    return [max(1, int(c)) for c in np.diff(cuts, prepend=0)]
+
+
 def unlearn_rum(model, target, forget, retain, cfg, thresholds, data):
     """RUM: score the forget set with --proxy, then unlearn its thirds in order low, medium, high, each with
-    its own loss and budget (RUM_PLAN) and the stopping rule on that third, all weights at --lr."""
+    its plan's loss and share of --epochs and the stopping rule on that third, all weights at --lr."""
     scores = PROXIES[cfg.proxy](target, forget, data, cfg)
-    out = dict(steps=0, tokens=0, trainable_params=0, forgotten_at=None, proxy=cfg.proxy, thirds=[])
-    for (name, loss, share), idx in zip(RUM_PLAN, thirds(scores)):
-        res = unlearn(model, target, [LOSS_FNS[loss]], forget.take(idx), retain, cfg, thresholds, cfg.lr,
-                      max(1, round(share * cfg.epochs)), f"rum {name} ({loss}, {len(idx)} samples)")
+    plan = RUM_PLANS[cfg.rum_plan]
+    out = dict(steps=0, tokens=0, trainable_params=0, forgotten_at=None, proxy=cfg.proxy, plan=cfg.rum_plan, thirds=[])
+    for (name, loss, _), epochs, idx in zip(plan, budgets(cfg.epochs, [p[2] for p in plan]), thirds(scores)):
+        res = unlearn(model, target, [loss], forget.take(idx), retain, cfg, thresholds, cfg.lr, epochs,
+                      f"rum {name} ({len(idx)} samples, {epochs} epochs)")
         out["steps"] += res["steps"]
         out["tokens"] += res["tokens"]
         out["trainable_params"] = res["trainable_params"]
-        out["thirds"].append(dict(third=name, loss=loss, samples=idx.tolist(), stopped_by=res["stopped_by"]))
+        out["thirds"].append(dict(third=name, epochs=epochs, samples=idx.tolist(), stopped_by=res["stopped_by"]))
     out["stopped_by"] = "threshold" if forget_check(model, forget, thresholds, cfg)[2] else "budget"
     return out
 
@@ -807,7 +1044,7 @@ def apply_method(method, model, target, forget, retain, data, cfg, thresholds, e
     return result
 
 
-def run_method(method, target, data, meta, cfg, thresholds, oracle_losses):
+def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_losses=None):
     """One method on a fresh copy of the target model, the forget set split into cfg.requests sequential
     deletion requests (EUL: one unlearning layer per request, fused after each); evaluate, return results."""
     torch.manual_seed(cfg.seed)
@@ -838,30 +1075,39 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle_losses):
     time_s = time.time() - t0
     peak = torch.cuda.max_memory_allocated() if cfg.device == "cuda" else None
     print(f"{method}: stopped by {stopped_by} after {total['steps']} steps, {time_s:.1f}s; evaluating")
-    after = evaluate(model, target, data, cfg, meta, oracle_losses)
+    after = evaluate(model, data, cfg, meta, judge=oracle, oracle_losses=oracle_losses)
     out = dict(method=method, stopped_by=stopped_by, steps=total["steps"], time_s=time_s,
                tokens_per_s=total["tokens"] / time_s, trainable_params=total["trainable_params"],
                peak_mem_mb=peak / 2**20 if peak else None, after=after)
     if method == "icu":
         out["forgotten_at_epoch"] = forgotten_at
     if method == "rum":
-        out["rum"] = {k: res[k] for k in ("proxy", "thirds")}
+        out["rum"] = {k: res[k] for k in ("proxy", "plan", "thirds")}
     if per_request:
         out["requests"] = per_request
     return out, model
 
 
+def get(d, *keys):
+    """d[k1][k2]..., NaN where a dataset has no such metric (no holdout: no MIA; no template: no fluency)."""
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return float("nan")
+        d = d[k]
+    return d
+
+
 def table(columns):
     """The metrics side by side, one column per evaluated model."""
-    rows = [(f"{s} {k}", lambda e, s=s, k=k: e[s][k]) for s in ("forget", "retain", "holdout")
-            for k in ("ma", "el10", "ppl", "extraction")]
-    rows += [(f"MIA AUC {k}", lambda e, k=k: e["mia_auc"][k]) for k in ("loss", "zlib", "mink")]
-    rows += [("fluency format ok", lambda e: e["fluency"]["format_ok"]),
-             ("fluency ppl under θ0", lambda e: e["fluency"]["ppl_ref"]),
-             ("forget quality (KS p)", lambda e: e.get("forget_quality", float("nan")))]
+    rows = [(f"{s} {k}", (s, k)) for s in ("forget", "retain", "holdout") for k in ("ma", "el10", "ppl", "extraction")]
+    rows += [(f"MIA AUC {k}", ("mia_auc", k)) for k in ("loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret")]
+    rows += [(f"fluency {k}", ("fluency", "forget", k)) for k in ("score", "fidelity", "repetition", "ppl")]
+    rows += [("forget quality (KS p)", ("forget_quality",))]
     lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, get in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{get(e):.3f}" for e in columns.values()) + " |")
+    for name, keys in rows:
+        values = [get(e, *keys) for e in columns.values()]
+        if not all(math.isnan(v) for v in values):
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in values) + " |")
     return "\n".join(lines)
 
 
@@ -873,24 +1119,34 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+# the columns of `--method all`'s table: (name, keys into a result's "after" or the result itself, format)
+HEADLINE = (("forget MA", ("after", "forget", "ma"), ".3f"), ("forget EL10", ("after", "forget", "el10"), ".4f"),
+            ("retain MA", ("after", "retain", "ma"), ".3f"), ("retain ppl", ("after", "retain", "ppl"), ".2f"),
+            ("holdout ppl", ("after", "holdout", "ppl"), ".2f"), ("MIA AUC", ("after", "mia_auc", "loss"), ".3f"),
+            ("fluency", ("after", "fluency", "score"), ".3f"), ("forget quality", ("after", "forget_quality"), ".2g"),
+            ("steps", ("steps",), ".0f"), ("time s", ("time_s",), ".1f"))
+
+
 def comparison(summary, oracle):
-    """`--method all`: one row per method, the oracle (exact unlearning) last."""
-    cols = [("stopped by", lambda r: r["stopped_by"]), ("steps", lambda r: r["steps"]),
-            ("time s", lambda r: f"{r['time_s']:.1f}"), ("forget MA", lambda r: f"{r['after']['forget']['ma']:.3f}"),
-            ("forget EL10", lambda r: f"{r['after']['forget']['el10']:.4f}"),
-            ("retain MA", lambda r: f"{r['after']['retain']['ma']:.3f}"),
-            ("retain ppl", lambda r: f"{r['after']['retain']['ppl']:.2f}"),
-            ("MIA AUC (loss)", lambda r: f"{r['after']['mia_auc']['loss']:.3f}"),
-            ("format ok", lambda r: f"{r['after']['fluency']['format_ok']:.3f}"),
-            ("forget quality", lambda r: f"{r['after'].get('forget_quality', float('nan')):.3g}")]
-    rows = dict(summary, oracle=dict(stopped_by="-", steps="-", time_s=0.0, after=oracle))
-    lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {m} | " + " | ".join(str(get(r)) for _, get in cols) + " |" for m, r in rows.items()]
+    """`--method all`: one row per method, the oracle (exact unlearning) last; with --seeds K each cell is
+    the mean ± the standard deviation over the K unlearning seeds (the target is the same)."""
+    cols = [c for c in HEADLINE if not all(math.isnan(get(r, *c[1])) for runs in summary.values() for r in runs)]
+    lines = ["| method | stopped by | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for m, runs in summary.items():
+        cells = []
+        for _, keys, f in cols:
+            v = np.array([get(r, *keys) for r in runs], float)
+            cells.append(format(v.mean(), f) + (f" ± {format(v.std(), f)}" if len(v) > 1 else ""))
+        stopped = "/".join(sorted({r["stopped_by"] for r in runs}))
+        lines.append(f"| {m} | {stopped} | " + " | ".join(cells) + " |")
+    o = {"after": oracle}
+    lines.append("| oracle | - | " + " | ".join(format(get(o, *k), f) if k[0] == "after" else "-" for _, k, f in cols) + " |")
     return "\n".join(lines)
 
 
 def plot(summary, oracle, path):
-    """Forget EL_10 against retain perplexity and against MIA AUC, one point per method, the oracle a star.
+    """Forget EL_10 against retain perplexity and against MIA AUC, one point per method (its first seed),
+    the oracle a star.
     matplotlib is imported only here; without it the run goes on without the picture."""
     try:
         import matplotlib
@@ -902,7 +1158,7 @@ def plot(summary, oracle, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (label, get) in zip(axes, [("retain perplexity", lambda e: e["retain"]["ppl"]),
                                        ("MIA AUC forget vs holdout (loss)", lambda e: e["mia_auc"]["loss"])]):
-        for m, r in summary.items():
+        for m, (r, *_) in summary.items():
             ax.scatter(get(r["after"]), r["after"]["forget"]["el10"], s=18)
             ax.annotate(m, (get(r["after"]), r["after"]["forget"]["el10"]), fontsize=7)
         ax.scatter(get(oracle), oracle["forget"]["el10"], marker="*", s=200, c="k", label="oracle")
@@ -916,65 +1172,122 @@ def plot(summary, oracle, path):
     print(f"wrote {path}")
 
 
-def run(cfg):
-    for name in ("requests", "batch_size", "train_batch", "epochs", "rank"):
+def validate(cfg):
+    """Every option checked before anything runs: one line for the first that is wrong."""
+    positive = ("lr", "lora_lr", "eul_lr", "train_lr", "npo_beta")
+    at_least_1 = ("requests", "batch_size", "train_batch", "epochs", "rank", "el_n", "eval_n", "seeds",
+                  "n_layer", "n_head", "n_embd")
+    for name in positive:
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v > 0):
+            raise UserError(f"--{name} must be a positive number, got {v}")
+    for name in at_least_1:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("train_epochs", "patience"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.train_epochs == 0 and cfg.init_from == "scratch":
+        raise UserError("--train_epochs 0 takes a pretrained checkpoint as the target as it is: give --init_from")
+    if cfg.dtype not in ("", "float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, got {cfg.dtype}")
+    if cfg.rum_plan not in RUM_PLANS:
+        raise UserError(f"--rum_plan must be one of {', '.join(RUM_PLANS)}, got {cfg.rum_plan}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}, but PyTorch sees no CUDA GPU here; use --device cpu")
-    try:  # fail now, not after minutes of training, when the out dir cannot be written
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".probe")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out_dir {cfg.out_dir}: {e.strerror}")
+
+
+def thresholds_for(meta, before):
+    """Jang et al.'s stopping rule: forget MA and EL_10 at or below the level of unseen data. A dataset with a
+    holdout measures that level on the target (EL_10 floored at 0.001: a small holdout can score exactly 0,
+    and one stray 10-gram would then block the rule); TDEC has none and brings the published thresholds;
+    TOFU's protocol is a fixed budget (None: no rule)."""
+    if "thresholds" in meta:
+        return meta["thresholds"]
+    if "holdout" in before:
+        return {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3), "source": "holdout"}
+    return None
+
+
+def export(model, tok, folder):
+    """The unlearned model and its tokenizer as a transformers folder (lm-evaluation-harness, vLLM, ...)."""
+    try:
+        model.save_pretrained(folder)
+    except ValueError as e:  # EUL's unlearning layers have no place in the checkpoint's architecture
+        print(f"not exported: {e}")
+        return None
+    tok.hf.save_pretrained(folder)
+    print(f"wrote {folder}")
+    return folder
+
+
+def run(cfg):
+    validate(cfg)
     torch.manual_seed(cfg.seed)
-    meta, data = load_data(cfg)
+    tok = load_tokenizer("gpt2" if cfg.init_from == "scratch" else cfg.init_from)
+    if cfg.oracle_from and load_tokenizer(cfg.oracle_from).encode(TOKENIZER_PROBE) != tok.encode(TOKENIZER_PROBE):
+        raise UserError(f"--oracle_from {cfg.oracle_from} has another tokenizer than --init_from {cfg.init_from}: "
+                        f"an oracle must speak the target's token ids")
+    meta, data = load_data(cfg, tok)
     if cfg.requests > len(data["forget"]):
         raise UserError(f"--requests {cfg.requests} is more than the {len(data['forget'])} forget samples")
-    enc = gpt2_encoding()
-    meta["decode"] = lambda ids: enc.decode([meta["vocab"][i] for i in ids])
-    target = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
-    # the oracle: on request, and always for `all` (marked in the plot) and `rum` (its proxies' reference)
-    oracle = load_or_train(cfg, meta, data, "oracle", ("retain",)) if cfg.oracle or cfg.method in ("all", "rum") else None
+    target, events = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    data["forget"].events = events or None
+    # the oracle: on request (or ready-made), and always for `all` (marked in the plot) and `rum` (its proxies' reference)
+    oracle = None
+    if cfg.oracle_from:
+        oracle = pretrained(cfg, cfg.oracle_from, meta).eval()
+        if oracle.config.vocab_size != target.config.vocab_size:
+            raise UserError(f"--oracle_from {cfg.oracle_from} has a vocabulary of {oracle.config.vocab_size}, "
+                            f"the target {target.config.vocab_size}")
+    elif cfg.oracle or cfg.method in ("all", "rum"):
+        oracle, _ = load_or_train(cfg, meta, data, "oracle", ("retain",))
     print("evaluating the target model")
-    before = evaluate(target, target, data, cfg, meta)
-    # Jang et al.'s stopping rule: the target's level on unseen data. Our choice: EL_10 is floored at 0.001,
-    # since a small holdout can score exactly 0, and one stray 10-gram in the forget set would then block the rule.
-    thresholds = {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3)}
-    print(f"thresholds (the target's holdout level): MA {thresholds['ma']:.3f}, EL{cfg.el_n} {thresholds['el10']:.4f}")
+    before = evaluate(target, data, cfg, meta, judge=oracle)
+    thresholds = thresholds_for(meta, before)
+    if thresholds:
+        print(f"stopping rule ({thresholds['source']}): forget MA <= {thresholds['ma']:.4f} and EL{cfg.el_n} <= {thresholds['el10']:.4f}")
     columns = {"before": before}
     if oracle is not None:
         print("evaluating the oracle")
-        columns["oracle"] = evaluate(oracle, target, data, cfg, meta)
+        columns["oracle"] = evaluate(oracle, data, cfg, meta, judge=oracle)
         before["forget_quality"] = ks_pvalue(before["forget_losses"], columns["oracle"]["forget_losses"])
     oracle_losses = columns["oracle"]["forget_losses"] if oracle is not None else None
     methods = METHODS if cfg.method == "all" else (cfg.method,)
     summary, failed = {}, []
     for method in methods:
-        try:
-            res, _ = run_method(method, target, data, meta, cfg, thresholds, oracle_losses)
-        except UserError as e:  # one method's failure (a non-finite loss) does not end `all`
-            if cfg.method != "all":
-                raise
-            print(f"error: {e}; going on with the other methods", file=sys.stderr)
-            failed.append(method)
+        runs = []
+        for k in range(cfg.seeds):  # the unlearning seeds; the target is the same
+            seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+            try:
+                res, model = run_method(method, target, data, meta, seed_cfg, thresholds, oracle, oracle_losses)
+            except UserError as e:  # one method's failure (a non-finite loss) does not end `all`
+                if cfg.method != "all":
+                    raise
+                print(f"error: {e}; going on with the other methods", file=sys.stderr)
+                failed.append(method)
+                break
+            runs.append(res)
+        if not runs:
             continue
-        res.update(dataset=cfg.dataset, thresholds=thresholds, before=before, mia_auc=res["after"]["mia_auc"],
-                   config=asdict(cfg))
+        res = dict(runs[0], dataset=cfg.dataset, thresholds=thresholds, before=before, config=asdict(cfg))
+        if cfg.seeds > 1:
+            res["seeds"] = [dict(seed=cfg.seed + k, **{name: get(r, *keys) for name, keys, _ in HEADLINE})
+                            for k, r in enumerate(runs)]
         if oracle is not None:
             res["oracle"] = columns["oracle"]
-        if method == "rum":  # the proxies' quality, like the paper's table
+        if method == "rum" and oracle is not None:  # the proxies' quality, like the paper's table
             res["rum"]["quality"] = proxy_quality(target, oracle, data, cfg)
             print("| proxy | Spearman vs loss gap (oracle - target) | cost s |\n|---|---|---|")
             for name, q in res["rum"]["quality"].items():
                 print(f"| {name} | {q['spearman']:.3f} | {q['cost_s']:.2f} |")
+        if cfg.init_from != "scratch":  # the last seed's model, ready for the rest of the ecosystem
+            res["model_dir"] = export(model, tok, os.path.join(cfg.out_dir, method, "model"))
         write_json(os.path.join(cfg.out_dir, method, "results.json"), res)
-        summary[method] = res
+        summary[method] = runs
         print(table({**columns, method: res["after"]}))
         print(f"wrote {os.path.join(cfg.out_dir, method, 'results.json')}")
-    if cfg.method == "all":
+    if cfg.method == "all" and summary:
         md = comparison(summary, columns["oracle"])
         print(md)
         with open(os.path.join(cfg.out_dir, "comparison.md.tmp"), "w") as f:
@@ -986,18 +1299,23 @@ def run(cfg):
     return summary
 
 
-def gpt2_encoding():
-    sys.path.insert(0, os.path.join(ROOT, "data"))
-    from gpt2 import encoding
-    return encoding()
-
-
 def main(argv=None):
     cfg = parse_args(argv)
+    existed = os.path.exists(cfg.out_dir)
+    try:  # fail now, not after minutes of training, when the out dir cannot be written
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, ".probe")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        print(f"error: cannot write to --out_dir {cfg.out_dir}: {e.strerror}", file=sys.stderr)
+        sys.exit(1)
     try:
         return run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if not existed and not os.listdir(cfg.out_dir):  # leave nothing behind for a run that never started
+            os.rmdir(cfg.out_dir)
         sys.exit(1)
 
 
