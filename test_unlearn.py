@@ -940,3 +940,27 @@ def test_evaluate_tofu_plumbing(tofu01):
     assert 0 <= out["model_utility"] <= 1 and 0 < out["forget_Q_A_Prob"] < 1
     r = np.array(out["forget_truth_ratios"])
     assert out["forget_quality"] == unlearn.ks_2samp_pvalue(1 / (r + 1e-10), 1 / (np.array(oracle) + 1e-10))
+
+
+def test_tofu_chat_template_format(tmp_path):
+    """Instruct models: the tokenizer's chat template with open-unlearning's system prompt and date string; the
+    prompt (system + user + the assistant header) is not scored, the answer and the end-of-turn token are.
+    A character-level tokenizer with a small chat template stands in for a Llama-3 Instruct one."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<s>", "<|start|>", "<|end|>"]
+    t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(specials + [chr(i) for i in range(32, 127)] + ["\n"])}, unk_token="?"))
+    t.pre_tokenizer, t.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    template = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{% if m['role'] == 'system' %}"
+                "{{ date_string }}\n{% endif %}{{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="<|end|>", unk_token="?",
+                            additional_special_tokens=["<|start|>"], chat_template=template).save_pretrained(tmp_path)
+    tok = common.load(str(tmp_path))
+    mod = load_prepare("tofu")
+    ids, kinds, prompt = mod.Formatter(tok, "chat")("Who?", "Ann.")
+    text = lambda x: tok.hf.decode(x)
+    want_prompt = "<s><|start|>system\n10 Apr 2025\nYou are a helpful assistant.<|end|><|start|>user\nWho?<|end|><|start|>assistant\n"
+    assert text(prompt) == want_prompt and text(ids) == want_prompt + "Ann.<|end|>"  # bos once, eos not doubled
+    assert kinds == [0] * len(prompt) + [1] * 5 and ids[:len(prompt)] == prompt
