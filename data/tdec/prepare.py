@@ -60,13 +60,14 @@ THRESHOLDS = dict(
            "`ma < ma_threshold and el < el_threshold`",
     icu=dict(ma=0.5994, el10=0.0499, comparison="<", both=True,
              source="himalalps/ICU train_neo_meanwhile_update.py:586,588 (--acc 0.5994, --el 0.0499) and "
-                    "README; stop rule line 122 `acc < args.acc and any(el < args.el)`; EL over prefixes "
-                    "150..190 only (validation_el: range(150, target_length), divided by 200-150-(n-1))"),
+                    "README; stop rule line 122 `acc < args.acc and any(el < args.el)` or no forget sample left "
+                    "(line 125); EL over prefixes 150..190 only (line 335 range(150, target_length), line 360 "
+                    "divided by 200-150-(n-1) = 41)"),
 )
 METRICS = dict(
     ma="teacher-forced argmax accuracy over the scored positions (kind > 0: the sample's tokens 1..T-1, each "
        "predicted from all before it), per sample, then the mean over samples "
-       "(Jang: Neo_Model.py validation_ma, for i in range(1, 200): generate 1 token from input_ids[:, :i])",
+       "(Jang: Neo_Model.py validation_ma line 174, for i in range(1, 200): generate 1 token from input_ids[:, :i]; per-sample accuracy line 126, stop on their mean line 644)",
     el=dict(n=10, prefix_lengths="p = 1 .. T-n sample tokens (the row's bos in front)", continue_to="the sample's end (T tokens)",
             per_prefix="|{generated n-grams that occur in the set of the true continuation's n-grams}| / "
                        "(T - p - n + 1), the number of true n-grams",
@@ -74,7 +75,7 @@ METRICS = dict(
             source="Jang: Neo_Model.py validation_el: for i in reversed(range(1, 200)), pred = generate(input_ids[:, :i], "
                    "max_length=200)[:, i:]; p_tp = [g for g in p_ngram if g in set(l_ngram)]; "
                    "numerator += len(p_tp) / len(l_ngram) (prefixes i > 190 have no n-gram: skipped); "
-                   "el = numerator / (200 - 1 - (n - 1))",
+                   "el = numerator / (200 - 1 - (n - 1)) (lines 210-233)",
             icu="ICU's EL_10 (train_neo_meanwhile_update.py validation_el) uses prefixes i = 150..190 only, "
                 "divided by 200 - 150 - 9 = 41"),
     bos="rows start with the tokenizer's bos; Jang's and ICU's GPT-Neo inputs start with the sample itself",
