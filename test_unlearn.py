@@ -661,3 +661,317 @@ def test_confidence_proxy_by_hand():
     p = torch.softmax(torch.tensor([10.0] + [0.0] * 9), 0)
     expect = (3 * p[0] + 2 * p[1]) / 5
     assert unlearn.proxy_confidence(model, split, None, None)[0] == pytest.approx(expect.item(), rel=1e-5)
+
+
+# ---- benchmarks: TDEC and TOFU data (data/tdec, data/tofu) and TOFU's metrics -------------------------------
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+sys.path.insert(0, DATA)
+import common  # noqa: E402
+
+
+def load_prepare(dataset):
+    spec = importlib.util.spec_from_file_location(f"{dataset}_prepare", os.path.join(DATA, dataset, "prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def prepare_fails(mod, argv, capsys, message):
+    """A bad input: exit status not 0, one line naming the problem, and no prepared output left behind."""
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = str(e.value.code) + capsys.readouterr().err
+    assert e.value.code not in (0, None) and message in err and "Traceback" not in err, err
+    out_dir = argv[argv.index("--out_dir") + 1]
+    assert not os.path.exists(os.path.join(out_dir, "meta.json"))
+    return err
+
+
+@pytest.fixture(scope="module")
+def tdec32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tdec")
+    load_prepare("tdec").main(["--out_dir", str(out)])
+    return out
+
+
+def test_tdec_prepare_rows_kinds_and_meta(tdec32):
+    meta = json.load(open(tdec32 / "meta.json"))
+    sets = json.load(open(os.path.join(DATA, "tdec", "forget_sets.json")))
+    samples = np.concatenate([np.load(os.path.join(DATA, "tdec", f"train_{p}.npy"))
+                              for p in ("preprefix", "prefix", "suffix")], 1).astype(np.int64)
+    forget = np.load(tdec32 / "forget.npz")
+    ids, kind = forget["ids"], forget["kind"]
+    assert ids.shape == kind.shape == (32, 202) and meta["splits"]["forget"] == 32
+    assert (ids[:, 1:201] == samples[sets["lm_extraction_32_0"]]).all()  # GPT-2 ids as they are, Jang's order
+    assert (ids[:, 0] == common.GPT2_EOT).all() and (ids[:, 201] == common.GPT2_EOT).all()  # bos ... eot
+    # Jang et al. score the sample's tokens 1..199; the suffix (tokens 150..199) is the secret
+    assert (kind[:, :2] == 0).all() and (kind[:, 2:151] == 1).all() and (kind[:, 151:201] == 3).all() and (kind[:, 201] == 0).all()
+    retain = set(meta["doc_ids"]["retain"])
+    assert len(retain) == 128 and not retain & set(i for v in sets.values() for i in v)
+    assert (np.load(tdec32 / "retain.npz")["ids"][:, 1:201] == samples[meta["doc_ids"]["retain"]]).all()
+    analogues = meta["doc_ids"]["analogues"]
+    assert len(analogues) == 15000 - 128 and not set(analogues) & set(sets["lm_extraction_128_0"])
+    assert np.load(tdec32 / "analogues.npz")["ids"].shape == (14872, 202) and meta["analogues"]["split"] == "analogues"
+    p = meta["protocol"]
+    assert (p["ma"], p["el10"], p["comparison"], p["both"]) == (0.2994, 0.0499, "<", True) and "Neo_Model.py" in p["source"]
+    assert p["icu"]["ma"] == 0.5994 and meta["holdout"] is None and not os.path.exists(tdec32 / "holdout.npz")
+    assert "shipped" in meta["source"] and meta["reencoded"] is False
+
+
+def test_tdec_prepare_reencodes_other_tokenizers(tmp_path, monkeypatch, capsys):
+    """A tokenizer that is not GPT-2's BPE: decode each part with GPT-2's BPE, re-encode, say so. (A GPT-2
+    tokenizer flagged otherwise, so the text must come back the same.)"""
+    mod = load_prepare("tdec")
+    g = common.gpt2()
+    other = common.Tokenizer("other/tok", g.encode, g.decode, g.bos, g.eot, g.vocab_size, False)
+    monkeypatch.setattr(mod.common, "load", lambda name: other)
+    mod.main(["--tokenizer", "other/tok", "--forget_set", "lm_extraction_4_1", "--out_dir", str(tmp_path)])
+    assert "re-encoding it with other/tok" in capsys.readouterr().out
+    meta = json.load(open(tmp_path / "meta.json"))
+    assert meta["reencoded"] and meta["splits"]["forget"] == 4
+    f = np.load(tmp_path / "forget.npz")
+    sets = json.load(open(os.path.join(DATA, "tdec", "forget_sets.json")))
+    pre = np.load(os.path.join(DATA, "tdec", "train_preprefix.npy"))
+    for row, kind, doc in zip(f["ids"], f["kind"], sets["lm_extraction_4_1"]):
+        n = int((kind > 0).sum()) + 1  # the sample's tokens: the scored ones and the first
+        assert g.decode(row[1:1 + n].tolist()).startswith(g.decode(pre[doc].tolist()))
+        assert kind[1] == 0 and (kind[n + 1:] == 0).all() and kind[n] == 3
+
+
+def test_tdec_prepare_bad_input(tmp_path, monkeypatch, capsys):
+    mod = load_prepare("tdec")
+    out = str(tmp_path / "out")
+    err = prepare_fails(mod, ["--forget_set", "lm_extraction_64_0", "--out_dir", out], capsys, "unknown forget set")
+    assert "lm_extraction_128_4" in err and "lm_extraction_1_0" in err  # the valid ones are listed
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(DATA, "tdec"), src, ignore=shutil.ignore_patterns("prepare.py", "gpt2", "__pycache__"))
+    monkeypatch.setattr(mod, "HERE", str(src))
+    os.remove(src / "train_suffix.npy")
+    prepare_fails(mod, ["--out_dir", out], capsys, "train_suffix.npy is missing")
+    shutil.copy(os.path.join(DATA, "tdec", "train_suffix.npy"), src)
+    data = (src / "train_prefix.npy").read_bytes()
+    (src / "train_prefix.npy").write_bytes(data[:len(data) // 2])  # truncated
+    prepare_fails(mod, ["--out_dir", out], capsys, "truncated")
+    np.save(src / "train_prefix.npy", np.load(os.path.join(DATA, "tdec", "train_prefix.npy"))[:, :49])  # wrong shape
+    prepare_fails(mod, ["--out_dir", out], capsys, "expected (15000, 50)")
+    a = np.load(os.path.join(DATA, "tdec", "train_prefix.npy"))
+    a[0, 0] ^= 1
+    np.save(src / "train_prefix.npy", a)  # one token changed: the challenge's md5 catches it
+    prepare_fails(mod, ["--out_dir", out], capsys, "md5")
+    shutil.copy(os.path.join(DATA, "tdec", "train_prefix.npy"), src)
+    (src / "forget_sets.json").write_text((src / "forget_sets.json").read_text()[:500])
+    prepare_fails(mod, ["--out_dir", out], capsys, "forget_sets.json is not valid JSON")
+    assert not os.listdir(tmp_path / "out") if os.path.exists(tmp_path / "out") else True
+
+
+@pytest.fixture(scope="module")
+def tofu01(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tofu")
+    load_prepare("tofu").main(["--forget_set", "forget01", "--out_dir", str(out)])
+    return out
+
+
+def read_jsonl(name):
+    return [json.loads(l) for l in open(os.path.join(DATA, "tofu", f"{name}.json"))]
+
+
+def test_tofu_prepare_answer_only_loss(tofu01):
+    """open-unlearning's plain format for GPT-2: "Question: q\\nAnswer: a" + eos tokenized as one string, the
+    loss on the tokens after len(tokenize("Question: q\\nAnswer: ")), i.e. the answer and eos."""
+    g = common.gpt2()
+    meta = json.load(open(tofu01 / "meta.json"))
+    assert meta["template"] == "plain" and meta["retain_set"] == "retain99" and meta["protocol"]["rule"] == "fixed budget"
+    sizes = dict(forget=40, retain=3960, forget_answer=40, forget_para=40, forget_pert=200, retain_answer=400,
+                 retain_pert=2000, ra_answer=100, ra_pert=300, wf_answer=117, wf_pert=351, wf_prompt=117)
+    assert all(meta["splits"][k] == v for k, v in sizes.items())
+    recs = read_jsonl("forget01")
+    f = np.load(tofu01 / "forget.npz")
+    for row, kind, r in zip(f["ids"], f["kind"], recs):
+        prompt = "Question: " + r["question"] + "\nAnswer: "
+        full = [g.eot] + g.encode(prompt + r["answer"]) + [g.eot]
+        assert row[:len(full)].tolist() == full and (kind[len(full):] == 0).all()
+        n_prompt = 1 + len(g.encode(prompt))
+        assert (kind[:n_prompt] == 0).all() and (kind[n_prompt:len(full)] == 1).all()
+    pert = np.load(tofu01 / "forget_pert.npz")
+    recs_p = read_jsonl("forget01_perturbed")
+    row, kind = pert["ids"][7], pert["kind"][7]  # record 1, its perturbed answer 2 (5 a record)
+    text = g.decode(row[kind > 0].tolist())
+    assert text.endswith("<|endoftext|>") and recs_p[1]["perturbed_answer"][2].endswith(text[:-13].strip())
+    prompts = np.load(tofu01 / "forget_prompt.npz")["ids"]
+    n = meta["eval"]["forget"]["prompt_lengths"][3]
+    assert g.decode(prompts[3, :n].tolist()) == "<|endoftext|>Question: " + recs_p[3]["question"] + "\nAnswer: "
+    assert meta["eval"]["forget"]["answers"][3] == recs_p[3]["answer"] and meta["eval"]["ra"]["n_pert"] == 3
+
+
+def test_tofu_prepare_bad_input(tmp_path, monkeypatch, capsys):
+    mod = load_prepare("tofu")
+    out = str(tmp_path / "out")
+    err = prepare_fails(mod, ["--forget_set", "forget20", "--out_dir", out], capsys, "unknown forget set")
+    assert "forget01, forget05, forget10" in err
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(DATA, "tofu"), src, ignore=shutil.ignore_patterns("prepare.py", "gpt2", "__pycache__"))
+    monkeypatch.setattr(mod, "HERE", str(src))
+    lines = (src / "forget01.json").read_text().splitlines(True)
+    (src / "forget01.json").write_text("".join(lines[:5]) + json.dumps({"question": "Who?"}) + "\n" + "".join(lines[6:]))
+    prepare_fails(mod, ["--forget_set", "forget01", "--out_dir", out], capsys, "forget01.json line 6: a record without an answer")
+    (src / "forget01.json").write_text("".join(lines)[:3000])  # cut in the middle of a record
+    prepare_fails(mod, ["--forget_set", "forget01", "--out_dir", out], capsys, "not valid JSON")
+    (src / "forget01.json").write_text("".join(lines[:30]))  # cut at a line end
+    prepare_fails(mod, ["--forget_set", "forget01", "--out_dir", out], capsys, "has 30 records, expected 40")
+    (src / "forget01.json").write_text("".join(lines))
+    os.remove(src / "world_facts_perturbed.json")
+    prepare_fails(mod, ["--forget_set", "forget01", "--out_dir", out], capsys, "world_facts_perturbed.json is missing")
+
+
+# TOFU's metrics, by hand from the formulas (open-unlearning src/evals/metrics/memorization.py, utils.py)
+def test_tofu_probability_is_length_normalised():
+    # three answers: log-prob sums over 4, 2 and 5 tokens
+    p = unlearn.tofu_prob([-2.0, -0.5, -10.0], [4, 2, 5])
+    assert np.allclose(p, [math.exp(-0.5), math.exp(-0.25), math.exp(-2.0)], rtol=1e-12)
+    assert np.allclose(unlearn.tofu_prob([[-1.0, -3.0]], [[1, 3]]), [[math.exp(-1), math.exp(-1)]])
+
+
+def test_tofu_truth_ratio_forms_by_hand():
+    # question 1: p(correct) 0.5, perturbed 0.25 and 0.04 -> geometric mean 0.1 -> R = 0.2
+    # question 2: p(correct) 0.2, perturbed 0.2 and 0.8 -> geometric mean 0.4 -> R = 2.0
+    r = unlearn.truth_ratios([0.5, 0.2], [[0.25, 0.04], [0.2, 0.8]])
+    assert np.allclose(r, [0.2, 2.0], rtol=1e-8)  # geometric, not arithmetic (that would give 0.29, 2.5)
+    assert unlearn.truth_ratio_stat(r, "closer_to_1_better") == pytest.approx((0.2 + 0.5) / 2)  # min(R, 1/R)
+    assert unlearn.truth_ratio_stat(r, "true_better") == pytest.approx((0.8 + 0.0) / 2)  # max(0, 1 - R)
+    with pytest.raises(ValueError):
+        unlearn.truth_ratio_stat(r, "mean")
+
+
+def test_tofu_normalised_probability_and_harmonic_mean_by_hand():
+    # 0.6 / (0.6 + 0.1 + 0.1 + 0.2) = 0.6 and 0.1 / (0.1 + 0.9) = 0.1: the sum over the perturbed answers
+    assert unlearn.tofu_prob_normalised([0.6, 0.1], [[0.1, 0.1, 0.2], [0.3, 0.3, 0.3]]) == pytest.approx(0.35)
+    assert unlearn.harmonic_mean([0.5, 0.25, 1.0]) == pytest.approx(3 / 7)
+    assert unlearn.harmonic_mean([0.2, 0.4, 0.8]) == pytest.approx(0.34285714285714286, rel=1e-12)  # scipy.stats.hmean
+    assert unlearn.harmonic_mean([0.5, 0.0, 0.3]) == 0.0  # as scipy.stats.hmean
+
+
+def test_ks_2samp_pvalue_matches_scipy():
+    """Values from scipy 1.17.1, scipy.stats.ks_2samp(a, b).pvalue (method 'auto' = exact at these sizes),
+    computed once and written here; the asymptotic ks_pvalue misses most of them by 10% or more."""
+    cases = [
+        (np.linspace(0, 1, 400) ** 2, np.linspace(0.05, 1.05, 400), 2.776495661774257e-16),
+        (np.linspace(0, 1, 40) ** 2, np.linspace(0.1, 1.1, 40), 0.01430154804770646),
+        (np.linspace(0, 1, 30) ** 2, np.linspace(0.1, 1.1, 45), 0.012657056536752991),  # unequal sizes
+        (np.linspace(0, 1, 400), np.linspace(0, 1, 400) ** 3, 8.116767699925149e-27),
+        (np.round(np.linspace(0, 1, 40), 1), np.round(np.linspace(0.2, 1.2, 40), 1), 0.404587405685253),  # ties
+        ([5, 0.5], [0.1, 0.05], 1 / 3),  # by hand: D = 1, 2 of the C(4, 2) = 6 paths reach it
+        ([5, 0.5, 3], [0.1, 0.05, 4], 0.6),
+    ]
+    for a, b, want in cases:
+        assert unlearn.ks_2samp_pvalue(a, b) == pytest.approx(want, rel=1e-9)
+    assert unlearn.ks_2samp_pvalue([1, 2, 3], [1, 2, 3]) == 1.0
+
+
+def test_rouge_l_recall_settings():
+    # LCS 3 of the answer's 6 tokens; with the stemmer "running" matches "runs" (2/3 without it)
+    assert unlearn.rouge_l_recall(["the cat sat", "he running fast"], ["the cat sat on the mat", "He runs fast"]).tolist() == [0.5, 1.0]
+
+
+def tofu_case():
+    """Fixed per-answer log-probabilities (count 2 each) for two questions a split, and their hand values."""
+    lp = lambda probs: (2 * np.log(np.asarray(probs, float)), np.full(np.shape(probs), 2))
+    stats = {
+        "forget_answer": lp([0.5, 0.3]), "forget_para": lp([0.5, 0.2]), "forget_pert": lp([[0.25, 0.04], [0.2, 0.8]]),
+        "retain_answer": lp([0.9, 0.7]), "retain_para": lp([0.5, 0.2]), "retain_pert": lp([[0.25, 0.04], [0.2, 0.8]]),
+        "ra_answer": lp([0.6, 0.1]), "ra_pert": lp([[0.1, 0.1, 0.4], [0.3, 0.3, 0.3]]),
+        "wf_answer": lp([0.5, 0.5]), "wf_pert": lp([[0.5, 0.5, 0.5], [0.125, 0.125, 1.0]]),
+    }
+    rouge = {"forget": [1.0, 0.5], "retain": [0.8, 0.6], "ra": [1.0, 1.0], "wf": [0.5, 0.25]}
+    ra_tr = [(0.1 * 0.1 * 0.4) ** (1 / 3) / 0.6, 0.3 / 0.1]
+    parts = dict(retain_Q_A_Prob=0.8, retain_Q_A_ROUGE=0.7, retain_Truth_Ratio=0.4,
+                 ra_Q_A_Prob_normalised=(0.6 / 1.2 + 0.1 / 1.0) / 2, ra_Q_A_ROUGE=1.0,
+                 ra_Truth_Ratio=(max(0, 1 - ra_tr[0]) + max(0, 1 - ra_tr[1])) / 2,
+                 wf_Q_A_Prob_normalised=(0.5 / 2.0 + 0.5 / 1.75) / 2, wf_Q_A_ROUGE=0.375,
+                 wf_Truth_Ratio=(0.0 + 0.5) / 2)  # R = 0.5/0.5 = 1 and (1/64)^(1/3)/0.5 = 0.5
+    return stats, rouge, parts
+
+
+def test_tofu_metrics_block_by_hand():
+    stats, rouge, parts = tofu_case()
+    out = unlearn.tofu_metrics(stats, rouge)
+    assert out["forget_Q_A_Prob"] == pytest.approx(0.4) and out["forget_Q_A_ROUGE"] == pytest.approx(0.75)
+    assert out["forget_truth_ratio"] == pytest.approx(0.35) and out["forget_quality"] is None
+    for k, v in parts.items():
+        assert out["model_utility_parts"][k] == pytest.approx(v, rel=1e-8), k
+    assert out["model_utility"] == pytest.approx(9 / sum(1 / v for v in parts.values()), rel=1e-8)
+    assert list(out["model_utility_parts"]) == list(unlearn.TOFU_UTILITY)
+    # forget quality: the KS test on 1/R; R = [0.2, 2] against an oracle's [10, 20]: 1/R = [5, 0.5] vs [0.1, 0.05],
+    # D = 1, p = 1/3 (test above); against itself p = 1
+    assert unlearn.tofu_metrics(stats, rouge, [10.0, 20.0])["forget_quality"] == pytest.approx(1 / 3)
+    assert unlearn.tofu_metrics(stats, rouge, out["forget_truth_ratios"])["forget_quality"] == 1.0
+
+
+def test_evaluate_tofu_plumbing(tofu01):
+    """evaluate_tofu on a random GPT over a few questions of the prepared TOFU: its log-probabilities are
+    those of full logits, its greedy answers those of one prompt at a time, its block the formulas' above.
+    The token ids are renumbered into the few the questions use, so the model's vocabulary stays small."""
+    g = common.gpt2()
+    meta = json.load(open(tofu01 / "meta.json"))
+    keep = {"forget": [0, 1, 2], "retain": [5, 9], "ra": [0, 3], "wf": [1, 2]}
+    splits, ev = {}, {}
+    for s, e in meta["eval"].items():
+        idx, k = keep[s], e["n_pert"]
+        for kind_ in ("answer", "para", "prompt", "pert"):
+            if kind_ in e:
+                d = np.load(tofu01 / f"{e[kind_]}.npz")
+                rows = [j * k + m for j in idx for m in range(k)] if kind_ == "pert" else idx
+                splits[e[kind_]] = {"ids": d["ids"][rows], "kind": d["kind"][rows]}
+        ev[s] = dict(e, n=len(idx), prompt_lengths=[e["prompt_lengths"][j] for j in idx], answers=[e["answers"][j] for j in idx])
+    vocab = np.unique(np.concatenate([d["ids"].ravel() for d in splits.values()]))
+    for d in splits.values():
+        d["ids"] = np.searchsorted(vocab, d["ids"])
+    eot = int(np.searchsorted(vocab, g.eot))
+    decode = lambda ids: g.decode(vocab[ids].tolist())
+    meta = dict(meta, eval=ev, eot=eot)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=160, vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=16)).eval()
+    total, count = unlearn.answer_logprobs(model, splits["forget_answer"])
+    rows, kind = (torch.as_tensor(splits["forget_answer"][k].astype(np.int64)) for k in ("ids", "kind"))
+    with torch.no_grad():
+        logp = F.log_softmax(model.lm_head(model(rows[:, :-1])), -1).gather(-1, rows[:, 1:, None])[..., 0]
+    assert np.allclose(total, (logp * (kind[:, 1:] > 0)).sum(1).numpy(), atol=1e-4)
+    assert count.tolist() == (kind[:, 1:] > 0).sum(1).tolist()
+    gens = unlearn.greedy_answers(model, splits["forget_prompt"], ev["forget"]["prompt_lengths"], eot, max_new_tokens=12, chunk=5)
+    for i, n in enumerate(ev["forget"]["prompt_lengths"]):
+        one = model.generate(torch.as_tensor(splits["forget_prompt"]["ids"][i:i + 1, :n].astype(np.int64)), 12)[0, n:].tolist()
+        assert gens[i] == (one[:one.index(eot)] if eot in one else one)
+    oracle = [0.5, 1.0, 2.0]
+    out = unlearn.evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=oracle, max_new_tokens=8)
+    assert set(unlearn.TOFU_UTILITY) == set(out["model_utility_parts"]) and len(out["forget_truth_ratios"]) == 3
+    assert 0 <= out["model_utility"] <= 1 and 0 < out["forget_Q_A_Prob"] < 1
+    r = np.array(out["forget_truth_ratios"])
+    assert out["forget_quality"] == unlearn.ks_2samp_pvalue(1 / (r + 1e-10), 1 / (np.array(oracle) + 1e-10))
+
+
+def test_tofu_chat_template_format(tmp_path):
+    """Instruct models: the tokenizer's chat template with open-unlearning's system prompt and date string; the
+    prompt (system + user + the assistant header) is not scored, the answer and the end-of-turn token are.
+    A character-level tokenizer with a small chat template stands in for a Llama-3 Instruct one."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<s>", "<|start|>", "<|end|>"]
+    t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(specials + [chr(i) for i in range(32, 127)] + ["\n"])}, unk_token="?"))
+    t.pre_tokenizer, t.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    template = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{% if m['role'] == 'system' %}"
+                "{{ date_string }}\n{% endif %}{{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="<|end|>", unk_token="?",
+                            additional_special_tokens=["<|start|>"], chat_template=template).save_pretrained(tmp_path)
+    tok = common.load(str(tmp_path))
+    mod = load_prepare("tofu")
+    ids, kinds, prompt = mod.Formatter(tok, "chat")("Who?", "Ann.")
+    text = lambda x: tok.hf.decode(x)
+    want_prompt = "<s><|start|>system\n10 Apr 2025\nYou are a helpful assistant.<|end|><|start|>user\nWho?<|end|><|start|>assistant\n"
+    assert text(prompt) == want_prompt and text(ids) == want_prompt + "Ann.<|end|>"  # bos once, eos not doubled
+    assert kinds == [0] * len(prompt) + [1] * 5 and ids[:len(prompt)] == prompt
