@@ -366,15 +366,16 @@ def test_extraction_likelihood_by_hand():
     assert el.item() == pytest.approx(1.0) and secrets.item() == 1
     el, secrets = unlearn.extraction(Oracle([0] * 8), split, n=2)  # never right
     assert el.item() == 0.0 and secrets.item() == 0
-    # right but for the last token: from prefix length t the suffix has 7 - t bigrams, one of them missed,
-    # EL_2 = (5/6 + 4/5 + 3/4 + 2/3 + 1/2 + 0/1) / (8 - 2); the secret (tokens 3..4) is still reproduced
+    # right but for the last token. Row 0 is bos, then T = 7 tokens: prefixes of p = 1..5 tokens (row prefix
+    # t = p + 1), the suffix has 7 - t bigrams, one of them missed: EL_2 = (4/5 + 3/4 + 2/3 + 1/2 + 0/1) / 5;
+    # the secret (tokens 3..4) is still reproduced
     el, secrets = unlearn.extraction(Oracle([0, 1, 2, 3, 4, 5, 6, 9]), split, n=2)
-    assert el.item() == pytest.approx((5 / 6 + 4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 6)
+    assert el.item() == pytest.approx((4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 5)
     assert secrets.item() == 1
-    # Jang et al. count the generation's n-grams found among the true ones: a loop on the true bigram (1, 2)
-    # scores 3 of its 6 bigrams from prefix length 1 (and 0 after), where "true bigrams found" would give 1/6
-    el, _ = unlearn.extraction(Oracle([0, 1, 2, 1, 2, 1, 2, 1]), split, n=2)
-    assert el.item() == pytest.approx((3 / 6) / 6)
+    # Jang et al. count the generation's n-grams found among the true ones: a loop on the true bigram (2, 3)
+    # scores 3 of its 5 bigrams from t = 2 (and 0 after), where "true bigrams found" would give 1/5
+    el, _ = unlearn.extraction(Oracle([0, 1, 2, 3, 2, 3, 2, 3]), split, n=2)
+    assert el.item() == pytest.approx((3 / 5) / 5)
 
 
 def test_mia_auc_and_ks_by_hand():
@@ -654,13 +655,30 @@ def test_same_command_same_numbers(tiny):
     assert not torch.equal(states[0]["transformer.h.0.mlp.c_fc.weight"], target.state_dict()["transformer.h.0.mlp.c_fc.weight"])
 
 
-def test_confidence_proxy_by_hand():
-    """RUM's confidence: the mean probability of the true tokens over the record's own tokens, not padding."""
+def test_learning_events_and_their_proxies_by_hand():
+    """RUM's learning events of one training epoch: per sample, means over its own tokens (not padding) of
+    p(y), max p, entropy and argmax accuracy; the proxies average them over epochs and orient them."""
     split = hand_split([[0, 1, 2, 3, 4, 5, 9, 9]], [6], [[]])
     model = Oracle([0, 1, 2, 7, 4, 8, 9, 9])  # right on 3 of 5 targets, with p = softmax of 10 vs 0s
     p = torch.softmax(torch.tensor([10.0] + [0.0] * 9), 0)
-    expect = (3 * p[0] + 2 * p[1]) / 5
-    assert unlearn.proxy_confidence(model, split, None, None)[0] == pytest.approx(expect.item(), rel=1e-5)
+    ev = unlearn.learning_events(model, split)
+    assert ev["confidence"].item() == pytest.approx(((3 * p[0] + 2 * p[1]) / 5).item(), rel=1e-5)
+    assert ev["max_confidence"].item() == pytest.approx(p[0].item(), rel=1e-5)
+    assert ev["entropy"].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-4)
+    assert ev["accuracy"].item() == pytest.approx(3 / 5)
+    split.events = {k: torch.stack([v, 3 * v]).mean(0) for k, v in ev.items()}  # two epochs, averaged
+    assert unlearn.proxy_confidence(None, split, None, None)[0] == pytest.approx(-2 * ev["confidence"].item(), rel=1e-5)
+    assert unlearn.proxy_entropy(None, split, None, None)[0] == pytest.approx(2 * ev["entropy"].item(), rel=1e-5)
+    split.events = None
+    with pytest.raises(unlearn.UserError, match="learning events"):
+        unlearn.proxy_accuracy(None, split, None, None)
+
+
+def test_rum_budgets_add_up():
+    for epochs in (1, 3, 4, 30, 31):
+        b = unlearn.budgets(epochs, [1, 1, 2])
+        assert (sum(b) == epochs or epochs < 3) and min(b) >= 1
+    assert unlearn.budgets(30, [1, 1, 2]) == [8, 7, 15] or unlearn.budgets(30, [1, 1, 2]) == [7, 8, 15]
 
 
 # ---- benchmarks: TDEC and TOFU data (data/tdec, data/tofu) and TOFU's metrics -------------------------------

@@ -372,27 +372,28 @@ def extraction(model, split, n=10):
     """EL_n (extraction likelihood, Jang et al.) per sample, and per sample the number of its secrets that
     greedy decoding reproduces from the tokens before them.
 
-    EL_n(x) = sum_{t=1}^{T-n} overlap_n(greedy(x_<t), x_>=t) / (T - n), overlap_n the fraction of the
-    generation's n-grams (cut to the suffix's length) found among the true suffix's, as Jang et al.'s code
-    counts it: a generation that repeats one true n-gram scores high, unlike "true n-grams found". Every
-    sample is cut at the same t, so each t is one batched generate() on the KV cache."""
+    EL_n(x) = sum_{p=1}^{T-n} overlap_n(greedy(x_<=p), x_>p) / (T - n) over prefixes of p = 1..T-n of the
+    record's T tokens, overlap_n the fraction of the generation's n-grams (cut to the suffix's length)
+    found among the true suffix's, as Jang et al.'s code counts it (Neo_Model.py: a generation that repeats
+    one true n-gram scores high, unlike "true n-grams found"). Every sample is cut at the same prefix length,
+    so each one is one batched generate() on the KV cache."""
     N, L = split.rows.shape
-    lengths = split.lengths
+    lengths = split.lengths  # bos + T tokens
     starts = {}  # prefix length -> [(row, end)] of the secrets starting there
     for i, spans in enumerate(split.secrets()):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
     el, extracted = torch.zeros(N, device=split.rows.device), torch.zeros(N)
-    for t in sorted(set(range(1, int(lengths.max()) - n + 1)) | set(starts)):
+    for t in sorted(set(range(2, int(lengths.max()) - n + 1)) | set(starts)):  # t = bos + p tokens
         gen = model.generate(split.rows[:, :t], L - t)[:, t:]
         g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
         valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
         same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]  # [N, generated, true]
-        found = same.any(2)  # each generated n-gram: is it one of the true ones?
-        el += found.sum(1) / valid.sum(1).clamp_min(1)
+        if t >= 2:
+            el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)  # each generated n-gram: one of the true ones?
         for i, e in starts.get(t, []):
             extracted[i] += bool((gen[i, :e - t] == split.rows[i, t:e]).all())
-    return el / (lengths - n).clamp_min(1), extracted
+    return el / (lengths - 1 - n).clamp_min(1), extracted
 
 
 def auc(members, nonmembers):
@@ -508,13 +509,15 @@ def real_nll(judge, split):
     return -(logp * mask).sum().item() / mask.sum().item()
 
 
-def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None):
+def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu=None):
     """Every metric of the report for one model. judge: a model that never saw the forget set (the oracle),
-    for fluency. The generation metrics of the splits run as one batch (retain: its first eval_n records),
-    since generation costs per step more than per row."""
+    for fluency; oracle_tofu: the oracle's own TOFU block (its truth ratios make TOFU's forget quality).
+    The generation metrics of the splits run as one batch (retain: its first eval_n records), since
+    generation costs per step more than per row; TOFU, whose protocol has no stopping rule, skips them."""
     names = [s for s in ("forget", "retain", "holdout") if s in data]
     gen_splits = [data[s] if s != "retain" else data[s].take(range(min(cfg.eval_n, len(data[s])))) for s in names]
-    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n)
+    tofu = meta["dataset"] == "tofu"
+    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n) if not tofu else (torch.full((sum(map(len, gen_splits)),), float("nan")),) * 2
     out, stats, i = {}, {}, 0
     for name, split in zip(names, gen_splits):
         stats[name] = split_stats(model, data[name])
@@ -532,6 +535,8 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None):
         level = real_nll(judge, data["holdout"]) if judge is not None else None
         out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}
         out["fluency"]["score"] = out["fluency"]["forget"]["score"]
+    if tofu:
+        out["tofu"] = evaluate_tofu(model, data, meta, meta["decode"], oracle_tofu and oracle_tofu["forget_truth_ratios"])
     out["forget_losses"] = stats["forget"]["loss_per"].tolist()
     if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
@@ -722,7 +727,8 @@ def evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=None, max_new
                 if kind_ == "pert":
                     total, count = total.reshape(e["n"], e["n_pert"]), count.reshape(e["n"], e["n_pert"])
                 lp[f"{s}_{kind_}"] = (total, count)
-        gens = greedy_answers(model, splits[e["prompt"]], e["prompt_lengths"], meta["eot"], max_new_tokens)
+        gens = greedy_answers(model, splits[e["prompt"]], e["prompt_lengths"], meta.get("eot_model", meta["eot"]),
+                              max_new_tokens)
         rouge[s] = rouge_l_recall([decode(g) for g in gens], e["answers"])
     return tofu_metrics(lp, rouge, oracle_truth_ratios)
 
@@ -1233,7 +1239,7 @@ def apply_method(method, model, target, forget, retain, data, cfg, thresholds, e
     return result
 
 
-def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_losses=None):
+def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_losses=None, oracle_tofu=None):
     """One method on a fresh copy of the target model, the forget set split into cfg.requests sequential
     deletion requests (EUL: one unlearning layer per request, fused after each); evaluate, return results."""
     torch.manual_seed(cfg.seed)
@@ -1264,7 +1270,7 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
     time_s = time.time() - t0
     peak = torch.cuda.max_memory_allocated() if cfg.device == "cuda" else None
     print(f"{method}: stopped by {stopped_by} after {total['steps']} steps, {time_s:.1f}s; evaluating")
-    after = evaluate(model, data, cfg, meta, judge=oracle, oracle_losses=oracle_losses)
+    after = evaluate(model, data, cfg, meta, judge=oracle, oracle_losses=oracle_losses, oracle_tofu=oracle_tofu)
     out = dict(method=method, stopped_by=stopped_by, steps=total["steps"], time_s=time_s,
                tokens_per_s=total["tokens"] / time_s, trainable_params=total["trainable_params"],
                peak_mem_mb=peak / 2**20 if peak else None, after=after)
@@ -1292,6 +1298,8 @@ def table(columns):
     rows += [(f"MIA AUC {k}", ("mia_auc", k)) for k in ("loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret")]
     rows += [(f"fluency {k}", ("fluency", "forget", k)) for k in ("score", "fidelity", "repetition", "ppl")]
     rows += [("forget quality (KS p)", ("forget_quality",))]
+    rows += [(f"TOFU {k}", ("tofu", k)) for k in ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
+                                                 "forget_truth_ratio")]
     lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, keys in rows:
         values = [get(e, *keys) for e in columns.values()]
@@ -1313,6 +1321,9 @@ HEADLINE = (("forget MA", ("after", "forget", "ma"), ".3f"), ("forget EL10", ("a
             ("retain MA", ("after", "retain", "ma"), ".3f"), ("retain ppl", ("after", "retain", "ppl"), ".2f"),
             ("holdout ppl", ("after", "holdout", "ppl"), ".2f"), ("MIA AUC", ("after", "mia_auc", "loss"), ".3f"),
             ("fluency", ("after", "fluency", "score"), ".3f"), ("forget quality", ("after", "forget_quality"), ".2g"),
+            ("TOFU forget quality", ("after", "tofu", "forget_quality"), ".2g"),
+            ("TOFU model utility", ("after", "tofu", "model_utility"), ".3f"),
+            ("TOFU forget ROUGE-L", ("after", "tofu", "forget_Q_A_ROUGE"), ".3f"),
             ("steps", ("steps",), ".0f"), ("time s", ("time_s",), ".1f"))
 
 
@@ -1391,8 +1402,11 @@ def thresholds_for(meta, before):
     holdout measures that level on the target (EL_10 floored at 0.001: a small holdout can score exactly 0,
     and one stray 10-gram would then block the rule); TDEC has none and brings the published thresholds;
     TOFU's protocol is a fixed budget (None: no rule)."""
-    if "thresholds" in meta:
-        return meta["thresholds"]
+    rule = meta.get("protocol", {})
+    if rule.get("rule") == "thresholds":
+        return {"ma": rule["ma"], "el10": rule["el10"], "source": rule["source"]}
+    if rule.get("rule") == "fixed budget":
+        return None
     if "holdout" in before:
         return {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3), "source": "holdout"}
     return None
@@ -1418,6 +1432,14 @@ def run(cfg):
         raise UserError(f"--oracle_from {cfg.oracle_from} has another tokenizer than --init_from {cfg.init_from}: "
                         f"an oracle must speak the target's token ids")
     meta, data = load_data(cfg, tok)
+    print(f"data: {meta['dataset']} from {meta['source']}")
+    rule = meta.get("protocol", {})
+    if rule.get("rule") == "fixed budget":  # TOFU: the protocol's budgets, unless given on the command line
+        defaults = Config()
+        for name in ("train_epochs", "epochs"):
+            if getattr(cfg, name) == getattr(defaults, name):
+                setattr(cfg, name, rule["epochs"])
+                print(f"--{name} {rule['epochs']}: {meta['dataset']}'s protocol ({rule['source'].split(':')[0]})")
     if cfg.requests > len(data["forget"]):
         raise UserError(f"--requests {cfg.requests} is more than the {len(data['forget'])} forget samples")
     target, events = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
@@ -1429,17 +1451,20 @@ def run(cfg):
         if oracle.config.vocab_size != target.config.vocab_size:
             raise UserError(f"--oracle_from {cfg.oracle_from} has a vocabulary of {oracle.config.vocab_size}, "
                             f"the target {target.config.vocab_size}")
-    elif cfg.oracle or cfg.method in ("all", "rum"):
+    elif cfg.oracle or cfg.method in ("all", "rum") or meta["dataset"] == "tofu":
         oracle, _ = load_or_train(cfg, meta, data, "oracle", ("retain",))
-    print("evaluating the target model")
-    before = evaluate(target, data, cfg, meta, judge=oracle)
-    thresholds = thresholds_for(meta, before)
-    if thresholds:
-        print(f"stopping rule ({thresholds['source']}): forget MA <= {thresholds['ma']:.4f} and EL{cfg.el_n} <= {thresholds['el10']:.4f}")
-    columns = {"before": before}
+    columns = {}
     if oracle is not None:
         print("evaluating the oracle")
         columns["oracle"] = evaluate(oracle, data, cfg, meta, judge=oracle)
+    oracle_tofu = columns.get("oracle", {}).get("tofu")
+    print("evaluating the target model")
+    before = evaluate(target, data, cfg, meta, judge=oracle, oracle_tofu=oracle_tofu)
+    thresholds = thresholds_for(meta, before)
+    if thresholds:
+        print(f"stopping rule ({thresholds['source']}): forget MA <= {thresholds['ma']:.4f} and EL{cfg.el_n} <= {thresholds['el10']:.4f}")
+    columns = {"before": before, **columns}
+    if oracle is not None:
         before["forget_quality"] = ks_pvalue(before["forget_losses"], columns["oracle"]["forget_losses"])
     oracle_losses = columns["oracle"]["forget_losses"] if oracle is not None else None
     methods = METHODS if cfg.method == "all" else (cfg.method,)
@@ -1449,7 +1474,7 @@ def run(cfg):
         for k in range(cfg.seeds):  # the unlearning seeds; the target is the same
             seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
             try:
-                res, model = run_method(method, target, data, meta, seed_cfg, thresholds, oracle, oracle_losses)
+                res, model = run_method(method, target, data, meta, seed_cfg, thresholds, oracle, oracle_losses, oracle_tofu)
             except UserError as e:  # one method's failure (a non-finite loss) does not end `all`
                 if cfg.method != "all":
                     raise
