@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import fisher as kfisher
+from kernels import kl as kkl
 from kernels import loss as kloss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,8 +31,9 @@ def rel(a, b):
 @pytest.fixture
 def small_blocks(monkeypatch):
     # 32-token chunks and 256-wide vocabulary steps, so that N = 70 and V = 1001 leave ragged edges
-    monkeypatch.setattr(kloss, "CHUNK", 32)
-    monkeypatch.setattr(kloss, "BLOCK_V", 256)
+    for module in (kloss, kkl):
+        monkeypatch.setattr(module, "CHUNK", 32)
+        monkeypatch.setattr(module, "BLOCK_V", 256)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -159,6 +161,112 @@ def test_token_stats_ties(monkeypatch):
     assert correct.tolist() == [True, False, False, False]
     assert correct.tolist() == ((z.argmax(-1) == y) & (y != -100)).tolist()
     assert (logp[:3] - z.log_softmax(-1)[[0, 1, 2], y[:3]]).abs().max() < 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["ce", "ih"])
+def test_linear_loss_scaled(small_blocks, loss, dtype):
+    # scale given: Σ_t scale_t loss_t with the gradients formed in the forward, against the per-token path
+    torch.manual_seed(5)
+    N, H, V = 40, 24, 600  # still ragged: 32-token chunks, 256-wide vocabulary steps
+    hidden = torch.randn(N, H, device=DEV).to(dtype)
+    weight = (0.3 * torch.randn(V, H, device=DEV)).to(dtype)
+    targets = torch.randint(0, V, (N,), device=DEV)
+    targets[::9] = -100
+    scale = torch.randn(N, device=DEV)  # negative weights too (GA's −NLL)
+    for fn in (kernels.fused_linear_loss, kernels.fused_linear_loss_ref):
+        h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        total = fn(h, W, targets, loss, scale=scale)
+        (3 * total).backward()  # an upstream gradient other than 1
+        _, dh, dW = loss_and_grads(kernels.fused_linear_loss_ref, hidden, weight, targets, loss, 3 * scale)
+        ref = (kernels.fused_linear_loss_ref(hidden, weight, targets, loss) * scale).sum()
+        assert total.shape == () and total.dtype == torch.float32
+        assert (total - ref).abs() < 1e-4 * N
+        assert h.grad.dtype == dtype and W.grad.dtype == dtype
+        assert rel(h.grad, dh) < TOL[dtype]["twin"][1] and rel(W.grad, dW) < TOL[dtype]["twin"][1], fn.__name__
+    with torch.no_grad():  # no grad wanted: the plain forward
+        assert (kernels.fused_linear_loss(hidden, weight, targets, loss, scale=scale) - ref).abs() < 1e-4 * N
+
+
+@pytest.mark.parametrize("fn", [kernels.fused_linear_loss, kernels.fused_linear_loss_ref,
+                                kernels.linear_token_stats, kernels.linear_token_stats_ref])
+def test_loss_rejects_bad_targets_and_dtypes(fn):
+    if not kernels.HAVE_TRITON and fn in (kernels.fused_linear_loss, kernels.linear_token_stats):
+        pytest.skip("Triton is not installed")
+    h, W = torch.randn(6, 8, device=DEV), torch.randn(20, 8, device=DEV)
+    for bad in (20, 25, -1):  # a target >= V would otherwise give loss = lse without complaint
+        with pytest.raises(ValueError, match="targets"):
+            fn(h, W, torch.tensor([0, 3, bad, 19, -100, 1], device=DEV))
+    with pytest.raises(AssertionError, match="fp32 or bf16"):
+        fn(h.half(), W.half(), torch.zeros(6, dtype=torch.long, device=DEV))
+
+
+def test_chunk_rows():
+    # the chunk's logits about the size of the hidden states, 256 <= rows <= N
+    assert kloss.chunk_rows(8192, 128, 8192) == 256
+    assert kloss.chunk_rows(100, 16, 50) == 100
+    assert kloss.chunk_rows(1 << 16, 4096, 32000) == 16384 and 16384 * 32000 >= (1 << 16) * 4096
+
+
+# ----------------------------------------------------------------------------- KL
+
+def independent_kl(hidden, weight, ref_hidden, ref_weight, symmetric=False):
+    """All N x V logits at once, autograd for the gradients. Logits rounded to the input dtype, as a bf16
+    matmul does."""
+    logp = (hidden.float() @ weight.float().T).to(hidden.dtype).float().log_softmax(-1)
+    logq = (ref_hidden.detach().float() @ ref_weight.detach().float().T).to(hidden.dtype).float().log_softmax(-1)
+    if symmetric:
+        return ((logq.exp() - logp.exp()) * (logq - logp)).sum(-1)
+    return F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1)
+
+
+def kl_and_grads(fn, hidden, weight, ref_hidden, ref_weight, w, shared):
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_h = ref_hidden.clone().requires_grad_()  # must get no gradient: the reference is frozen
+    out = fn(h, W, ref_h, (None if fn is not independent_kl else W.detach()) if shared else ref_weight)
+    (out * w).sum().backward()
+    assert ref_h.grad is None or not ref_h.grad.any()
+    return out.detach(), h.grad, W.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [False, True])
+def test_linear_kl(small_blocks, dtype, shared):
+    torch.manual_seed(6)
+    N, H, V = 40, 24, 600  # 32-token chunks, 256-wide vocabulary steps: ragged at both ends
+    hidden = torch.randn(N, H, device=DEV).to(dtype)
+    weight = (0.3 * torch.randn(V, H, device=DEV)).to(dtype)
+    ref_hidden = (hidden.float() + 0.5 * torch.randn(N, H, device=DEV)).to(dtype)  # close, as θ0 and θ are
+    ref_weight = (weight.float() + 0.1 * torch.randn(V, H, device=DEV)).to(dtype)
+    w = torch.randn(N, device=DEV)
+    args = (hidden, weight, ref_hidden, ref_weight, w, shared)
+    k = kl_and_grads(kernels.fused_linear_kl, *args)
+    t = kl_and_grads(kernels.fused_linear_kl_ref, *args)
+    i = kl_and_grads(independent_kl, *args)
+    assert k[0].dtype == torch.float32 and k[0].shape == (N,) and (i[0] > 1e-3).all()
+    for ref, name in ((t, "twin"), (i, "indep")):
+        atol, gtol = TOL[dtype][name]
+        assert (k[0] - ref[0]).abs().max() < atol, name
+        assert rel(k[1], ref[1]) < gtol and rel(k[2], ref[2]) < gtol, name
+    assert rel(t[1], i[1]) < TOL[dtype]["indep"][1] and rel(t[2], i[2]) < TOL[dtype]["indep"][1]
+    # the symmetric form (RUM's holdout proxy): no gradient, same values
+    rw = weight if shared else ref_weight
+    sym_i = independent_kl(hidden, weight, ref_hidden, rw, symmetric=True)
+    for fn in (kernels.fused_linear_kl, kernels.fused_linear_kl_ref):
+        sym = fn(hidden.clone().requires_grad_(), weight, ref_hidden, None if shared else ref_weight, symmetric=True)
+        assert not sym.requires_grad and (sym - sym_i).abs().max() < TOL[dtype]["indep"][0], fn.__name__
+    # KL(q ‖ q) = 0: the model equal to its reference
+    same = kernels.fused_linear_kl(hidden[:8], weight, hidden[:8], None)
+    assert same.abs().max() < 1e-5
+
+
+def test_linear_kl_dispatch(small_blocks):
+    h, W, hr = torch.randn(40, 16), torch.randn(101, 16), torch.randn(40, 16)
+    assert torch.equal(kernels.linear_kl(h, W, hr, W), kernels.fused_linear_kl_ref(h, W, hr, None))
+    assert torch.equal(kernels.linear_kl(h, W, hr, 2 * W, symmetric=True),
+                       kernels.fused_linear_kl_ref(h, W, hr, 2 * W, symmetric=True))
 
 
 # ----------------------------------------------------------------------------- Fisher
