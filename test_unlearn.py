@@ -14,6 +14,7 @@ import pytest
 import torch.nn.functional as F
 
 import kernels
+from model import GPT, GPTConfig
 from kernels import fisher as kfisher
 from kernels import kl as kkl
 from kernels import loss as kloss
@@ -283,8 +284,10 @@ def independent_fisher(x, g):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fisher(dtype):
+@pytest.mark.parametrize("dtype,programs", [(torch.float32, 1), (torch.float32, 8), (torch.bfloat16, 528)])
+def test_fisher(monkeypatch, dtype, programs):
+    # 2 x 2 tiles; PROGRAMS 1: one group of 5 samples; 8: groups of 3 and 2 (ragged); 528: one sample each
+    monkeypatch.setattr(kfisher, "PROGRAMS", programs)
     torch.manual_seed(3)
     N, T, IN, OUT = 5, 37, 80, 72  # not multiples of the 64 x 64 tiles or the 32-token steps
     x = torch.randn(N, T, IN, device=DEV).to(dtype)
@@ -305,12 +308,66 @@ def test_fisher(dtype):
     assert rel(fisher_p, fisher) < 1e-6 and rel(sq_p, sq) < 1e-6
 
 
+def test_grad_norms_gram(monkeypatch):
+    # the Gram ("ghost norm") form where 2T² < in·out, the tile path's norms elsewhere; padding rows are 0
+    monkeypatch.setattr(kfisher, "GRAM_NUMBERS", 2 * 2 * 7 * 7)  # two samples per Gram chunk: 5 = 2 + 2 + 1
+    torch.manual_seed(7)
+    for T, IN, OUT in ((7, 12, 9), (9, 4, 5)):  # 98 < 108: Gram; 162 >= 20: tiles
+        x, g = torch.randn(5, T, IN, device=DEV), torch.randn(5, T, OUT, device=DEV)
+        x[2, 4:], g[2, 4:] = 0, 0
+        _, sq_i = independent_fisher(x, g)
+        for tile_path in (kernels.per_sample_grad_sq_ref, kernels.per_sample_grad_sq):
+            if tile_path is kernels.per_sample_grad_sq and (not kernels.HAVE_TRITON or 2 * T * T < IN * OUT):
+                continue
+            assert rel(kernels.per_sample_grad_norms(x, g, tile_path), sq_i) < 1e-5
+        assert rel(kernels.grad_norms(x.to(torch.bfloat16), g.to(torch.bfloat16)), sq_i) < 3e-2
+
+
 def test_fisher_twin_chunks(monkeypatch):
     monkeypatch.setattr(kfisher, "SAMPLES", 2)  # 5 samples: chunks of 2, 2, 1
     x, g = torch.randn(5, 7, 12), torch.randn(5, 7, 9)
     fisher, sq = kernels.per_sample_grad_sq_ref(x, g)
     fisher_i, sq_i = independent_fisher(x, g)
     assert rel(fisher, fisher_i) < 1e-5 and rel(sq, sq_i) < 1e-5
+
+
+def per_sample_loop_fisher(model, split, layers):
+    """The naive way: one backward per sample of its mean NLL, its weight gradients squared."""
+    fisher, sq = {m: 0 for m in layers}, []
+    for n in range(len(split)):
+        model.zero_grad(set_to_none=True)
+        h, y = model(split.x[n:n + 1]), split.y[n]
+        logits = (h[0] @ model.lm_head.weight.T)[y != -100]
+        F.cross_entropy(logits, y[y != -100]).backward()
+        for m in layers:
+            fisher[m] = fisher[m] + m.weight.grad ** 2
+        sq.append(sum((m.weight.grad ** 2).sum() for m in layers))
+    model.zero_grad(set_to_none=True)
+    return {m: f / len(split) for m, f in fisher.items()}, torch.stack(sq)
+
+
+@pytest.mark.parametrize("path", ["twins", "kernels"])
+def test_fisher_of_model_against_per_sample_loop(monkeypatch, path):
+    import numpy as np
+    import unlearn
+    if path == "kernels":
+        if not kernels.HAVE_TRITON:
+            pytest.skip("Triton is not installed")
+        monkeypatch.setattr(unlearn, "grad_sq", kernels.per_sample_grad_sq)
+    torch.manual_seed(8)
+    model = GPT(GPTConfig(block_size=16, vocab_size=29, n_layer=1, n_head=2, n_embd=16)).to(DEV)
+    rows = np.random.default_rng(0).integers(0, 29, (5, 13))
+    split = unlearn.Split(rows, [13, 9, 13, 4, 11], [[]] * 5, DEV)  # padded rows: ignored targets
+    layers = model.lora_layers()
+    fisher_i, sq_i = per_sample_loop_fisher(model, split, layers)
+    fisher, sq = unlearn.fisher(model, split, layers, batch_size=2)  # batches of 2, 2, 1
+    assert set(fisher) == set(layers)
+    for m in layers:
+        assert rel(fisher[m], fisher_i[m]) < (1e-2 if DEV == "cuda" else 1e-4)
+    assert rel(sq, sq_i) < (1e-2 if DEV == "cuda" else 1e-4)
+    none, sq_g = unlearn.fisher(model, split, layers, batch_size=2, diag=False)  # Gram norms where cheaper
+    assert none is None and rel(sq_g, sq_i) < 1e-4
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- dispatch, import, compile

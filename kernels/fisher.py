@@ -59,8 +59,9 @@ def _fisher_kernel(x_ptr, g_ptr, fisher_ptr, partial_ptr, N, T, IN, OUT, per_gro
     fisher = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     n0 = pid_n * per_group
     for n in range(n0, tl.minimum(n0 + per_group, N)):
-        x_n = x_ptr + n.to(tl.int64) * x_sn
-        g_n = g_ptr + n.to(tl.int64) * g_sn
+        n64 = tl.cast(n, tl.int64)  # (the interpreter hands out n as a Python int, the compiler as an i32)
+        x_n = x_ptr + n64 * x_sn
+        g_n = g_ptr + n64 * g_sn
         grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)  # this tile of G_nᵀ X_n
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
@@ -72,7 +73,7 @@ def _fisher_kernel(x_ptr, g_ptr, fisher_ptr, partial_ptr, N, T, IN, OUT, per_gro
             grad = tl.dot(gt, xt, grad)  # [BLOCK_O, BLOCK_T] @ [BLOCK_T, BLOCK_I]
         sq = grad * grad  # out-of-range rows and columns are 0: masked loads
         fisher += sq
-        tile = n.to(tl.int64) * tl.num_programs(0) * tl.num_programs(1) + pid_o * tl.num_programs(1) + pid_i
+        tile = n64 * tl.num_programs(0) * tl.num_programs(1) + pid_o * tl.num_programs(1) + pid_i
         tl.store(partial_ptr + tile, tl.sum(sq))
     fisher_ptr += pid_n.to(tl.int64) * OUT * IN  # this group's partial Fisher
     tl.store(fisher_ptr + o[:, None].to(tl.int64) * IN + i[None, :], fisher, mask=(o[:, None] < OUT) & (i[None, :] < IN))
