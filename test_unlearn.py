@@ -394,33 +394,50 @@ def test_import_without_triton():
 
 
 COMPILE_ALL = """
-import warnings; warnings.simplefilter("ignore")
+import sys, warnings; warnings.simplefilter("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import fisher, loss
+from kernels import fisher, kl, loss
 
-def compile(kernel, sig, consts):
+def compile(kernel, sig, consts, num_warps):
     sig = {**sig, **{k: "constexpr" for k in consts}}
-    triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    for arch in (80, 90):  # A100, H100
+        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=num_warps))
 
+# every variant the launchers can ask for: each input dtype, each constexpr flag and block size, num_warps
 rows = dict(z_stride="i32", y_ptr="*i64", lse_ptr="*fp32", zy_ptr="*fp32", zr_ptr="*fp32", r_ptr="*i32",
             V="i32", ignore_index="i32")
 for dt in ("fp32", "bf16"):
-    compile(loss._stats_kernel, dict(z_ptr=f"*{dt}", **rows), dict(BLOCK_V=loss.BLOCK_V))
+    compile(loss._stats_kernel, dict(z_ptr=f"*{dt}", **rows), dict(BLOCK_V=loss.BLOCK_V), 8)
     for ih in (False, True):
-        compile(loss._grad_kernel, dict(z_ptr=f"*{dt}", g_ptr="*fp32", **rows), dict(IH=ih, BLOCK_V=loss.BLOCK_V))
-    compile(fisher._fisher_kernel,
-            dict(x_ptr=f"*{dt}", g_ptr=f"*{dt}", fisher_ptr="*fp32", partial_ptr="*fp32", N="i32", T="i32",
-                 IN="i32", OUT="i32", x_sn="i32", x_st="i32", g_sn="i32", g_st="i32"),
-            dict(BLOCK_O=fisher.BLOCK_O, BLOCK_I=fisher.BLOCK_I, BLOCK_T=fisher.BLOCK_T, UPCAST=False))
+        compile(loss._grad_kernel, dict(z_ptr=f"*{dt}", g_ptr="*fp32", **rows), dict(IH=ih, BLOCK_V=loss.BLOCK_V), 8)
+    pair = dict(z_ptr=f"*{dt}", zr_ptr=f"*{dt}", z_stride="i32", zr_stride="i32")
+    compile(kl._kl_stats_kernel, dict(**pair, lse_ptr="*fp32", lse_ref_ptr="*fp32", kl_ptr="*fp32", sym_ptr="*fp32",
+                                      V="i32"), dict(BLOCK_V=kl.BLOCK_V), 8)
+    compile(kl._kl_grad_kernel, dict(**pair, g_ptr="*fp32", lse_ptr="*fp32", lse_ref_ptr="*fp32", V="i32"),
+            dict(BLOCK_V=kl.BLOCK_V), 8)
+    # sample strides past 2^31 arrive as i64; one sample per group arrives as the constant 1 (specialized)
+    for stride, per_group in (("i32", "i32"), ("i64", 1)):
+        sig = dict(x_ptr=f"*{dt}", g_ptr=f"*{dt}", fisher_ptr="*fp32", partial_ptr="*fp32", N="i32", T="i32",
+                   IN="i32", OUT="i32", x_sn=stride, x_st="i32", g_sn=stride, g_st="i32")
+        consts = dict(BLOCK_O=fisher.BLOCK_O, BLOCK_I=fisher.BLOCK_I, BLOCK_T=fisher.BLOCK_T, UPCAST=False)
+        if per_group == 1:
+            consts["per_group"] = 1
+        else:
+            sig["per_group"] = per_group
+        sig = {k: sig[k] for k in ("x_ptr", "g_ptr", "fisher_ptr", "partial_ptr", "N", "T", "IN", "OUT", "per_group",
+                                   "x_sn", "x_st", "g_sn", "g_st") if k in sig}
+        compile(fisher._fisher_kernel, sig, consts, 4)
+print("compiled")
 """
 
 
 @needs_triton
 @pytest.mark.skipif(DEV == "cuda", reason="on a GPU the other tests compile and run the kernels")
 def test_kernels_compile_for_h100():
-    # The interpreter does not type-check like the compiler: compile every kernel variant to sm_90 code
+    # The interpreter does not type-check like the compiler: compile every kernel variant to sm_80 and sm_90 code
     # (Triton ships ptxas, no GPU needed). In a fresh process: once the interpreter has run, it has patched
     # triton.language for the whole process. Uses Triton internals, hence a skip if they moved.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -428,7 +445,7 @@ def test_kernels_compile_for_h100():
                          cwd=os.path.dirname(os.path.abspath(kernels.__file__)) + "/..")
     if run.returncode and "ImportError" in run.stderr:
         pytest.skip(f"Triton internals moved: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0 and run.stdout.strip() == "compiled", run.stderr
 
 
 # ---- model.py ----------------------------------------------------------------------------------------

@@ -132,6 +132,8 @@ class _LinearKL(torch.autograd.Function):
 
 def _args(hidden, weight, ref_hidden, ref_weight):
     _check_dtypes(hidden, weight, ref_hidden, *(() if ref_weight is None else (ref_weight,)))
+    # one dtype for both models: z and z' then share it, as the shared-projection matmul needs anyway
+    assert ref_hidden.dtype == hidden.dtype and (ref_weight is None or ref_weight.dtype == weight.dtype)
     assert hidden.shape[0] == ref_hidden.shape[0], (hidden.shape, ref_hidden.shape)
     shared = ref_weight is None or ref_weight is weight
     assert shared or ref_weight.shape[0] == weight.shape[0], (weight.shape, ref_weight.shape)
