@@ -220,6 +220,13 @@ class _FusedLinearLoss(torch.autograd.Function):
         return dh, None if dW is None else dW.to(weight.dtype), None, None, None
 
 
+def _scaled_grads(ctx, dtotal):
+    """The gradients formed in the forward, times the upstream scalar."""
+    dh, dW = ctx.saved_tensors
+    return (None if dh is None else dh * dtotal.to(dh.dtype),
+            None if dW is None else (dW * dtotal).to(ctx.weight_dtype))
+
+
 class _FusedLinearLossScaled(torch.autograd.Function):
     """Σ_t scale_t loss_t, a scalar; gradients formed in the forward (scale is known there)."""
 
@@ -236,10 +243,7 @@ class _FusedLinearLossScaled(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dtotal):
-        dh, dW = ctx.saved_tensors
-        dh = None if dh is None else dh * dtotal.to(dh.dtype)
-        dW = None if dW is None else (dW * dtotal).to(ctx.weight_dtype)
-        return dh, dW, None, None, None, None
+        return *_scaled_grads(ctx, dtotal), None, None, None, None
 
 
 def fused_linear_loss(hidden, weight, targets, loss="ce", ignore_index=-100, scale=None):
@@ -287,12 +291,43 @@ def _chunk_loss_ref(hidden, weight, targets, ih, ignore_index):
     return torch.where(valid, 1 + p_y - p_r, 0.0)
 
 
+class _FusedLinearLossScaledRef(torch.autograd.Function):
+    """Twin of _FusedLinearLossScaled: autograd's gradients of each chunk's Σ scale·loss, taken in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, ih, ignore_index, chunk):
+        need = ctx.needs_input_grad[:2]
+        dh, dW = _grad_buffers(hidden, weight, *need)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            with torch.enable_grad():
+                h, W = hidden[s:s + chunk].detach().requires_grad_(need[0]), weight.detach().requires_grad_(need[1])
+                part = (_chunk_loss_ref(h, W, targets[s:s + chunk], ih, ignore_index) * scale[s:s + chunk]).sum()
+                grads = list(torch.autograd.grad(part, [t for t, n in zip((h, W), need) if n]))
+            if need[0]:
+                dh[s:s + chunk] = grads.pop(0)
+            if need[1]:
+                dW += grads.pop(0)
+            total += part.detach()
+        ctx.save_for_backward(dh, dW)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dtotal):
+        return *_scaled_grads(ctx, dtotal), None, None, None, None, None
+
+
 def fused_linear_loss_ref(hidden, weight, targets, loss="ce", ignore_index=-100, scale=None):
-    """PyTorch twin of fused_linear_loss (with scale: the same sum, autograd's gradients)."""
+    """PyTorch twin of fused_linear_loss."""
     assert loss in ("ce", "ih"), loss
     _check_dtypes(hidden, weight)
     _check_targets(targets, weight.shape[0], ignore_index)
     chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+    if scale is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearLossScaledRef.apply(hidden, weight, targets, scale.detach().float(), loss == "ih",
+                                               ignore_index, chunk)
     out = []
     for s in range(0, hidden.shape[0], chunk):
         args = (hidden[s:s + chunk], weight, targets[s:s + chunk], loss == "ih", ignore_index)
