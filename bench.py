@@ -4,20 +4,31 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
     python bench.py            GPT-2 shapes on a GPU (bf16)
     python bench.py --cpu      small shapes, fp32, twins only (the default without CUDA)
 
-(a) per-token loss, forward + backward (grads of hidden and weight), .sum() as the upstream loss:
-    kernel | PyTorch eager (all logits materialized) | torch.compile of the eager code | Liger-Kernel (CE)
-(b) Fisher diagonal and per-sample grad norms of GPT-2 124M's linears, 32 sequences x 200 tokens:
+(a) per-token loss (CE, IH, KL to a reference), forward + backward (grads of hidden and weight), .sum() as
+    the upstream loss: kernel | PyTorch eager (all logits materialized) | torch.compile of the eager code |
+    Liger-Kernel (CE). Time, and on a GPU the peak allocated memory.
+(m) CPU only: peak memory of the same forward + backward at N = 8192, H = 128, V = 8192, eager vs twin, as the
+    max RSS of a fresh process per case (`python bench.py --case "kl twin"`), also above a process that only
+    built the inputs; and their ratio.
+(f) fisher() (FILA's per-sample Fisher + norms, as unlearn.py runs it) vs one plain forward + backward of the
+    mean NLL on the same batch vs the naive loop of one backward per sample, on the default model and a
+    GPT-2-small-shaped one (random weights and tokens: the cost does not depend on them).
+(b) GPU only: Fisher diagonal and per-sample grad norms of GPT-2 124M's linears, 32 sequences x 200 tokens:
     kernel | torch.func vmap(grad) (all per-sample gradients materialized) | squared mini-batch gradient
     (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
 (c) end-to-end: unlearn.py's ih_flora (FILA's Fisher + unlearning loop) on the cached default target model,
     with the kernels and with the twins swapped in (on a machine without CUDA only the twins run).
 Time: median over --repeats runs after one warm-up run (which also compiles). Memory: peak GPU memory
-allocated during one run above what was allocated before it; on the CPU it is not measured ("n/a").
+allocated during one run above what was allocated before it; on the CPU, (m) only.
 """
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -74,35 +85,104 @@ def eager_loss(hidden, weight, targets, loss):
     return 1 + p.gather(1, targets[:, None])[:, 0] - p_r
 
 
+def eager_kl(hidden, weight, ref_hidden, ref_weight):
+    """The plain PyTorch way (unlearn.py's before linear_kl): both models' N x V log-softmaxes."""
+    with torch.no_grad():
+        logq = (ref_hidden @ ref_weight.T).float().log_softmax(-1)
+    logp = (hidden @ weight.T).float().log_softmax(-1)
+    return F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1)
+
+
+def loss_inputs(N, H, V, dtype, dev):
+    """hidden, weight (both trained), targets, and a reference model's hidden and weight (frozen, close by)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(N, H, device=dev, generator=g).to(dtype).requires_grad_()
+    weight = (0.02 * torch.randn(V, H, device=dev, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), device=dev, generator=g)
+    ref_hidden = (hidden.detach() + 0.1 * torch.randn(N, H, device=dev, generator=g).to(dtype))
+    ref_weight = (weight.detach() + 0.002 * torch.randn(V, H, device=dev, generator=g).to(dtype))
+    return hidden, weight, targets, ref_hidden, ref_weight
+
+
+def loss_methods(loss, hidden, weight, targets, ref_hidden, ref_weight, cuda, compiled=None, liger=None):
+    """name -> function giving the per-token loss [N] of `loss` (ce, ih, kl) by each method."""
+    fused = "Triton kernel" if cuda else "twin (chunked)"
+    if loss == "kl":
+        methods = {fused: lambda: kernels.linear_kl(hidden, weight, ref_hidden, ref_weight),
+                   "eager": lambda: eager_kl(hidden, weight, ref_hidden, ref_weight)}
+        if compiled:
+            methods["torch.compile"] = lambda: compiled["kl"](hidden, weight, ref_hidden, ref_weight)
+        return methods
+    methods = {fused: lambda: kernels.linear_loss(hidden, weight, targets, loss),
+               "eager": lambda: eager_loss(hidden, weight, targets, loss)}
+    if compiled:
+        methods["torch.compile"] = lambda: compiled["loss"](hidden, weight, targets, loss)
+    if loss == "ce" and liger is not None and cuda:
+        methods["Liger FLCE"] = lambda: liger(weight, hidden, targets)
+    return methods
+
+
 def bench_loss(shapes, dtype, dev, repeats, cuda):
     print("\n### (a) per-token loss, forward + backward\n")
     row("loss", "N", "H", "V", "method", "time (ms)", "peak extra (MiB)")
     row(*["---"] * 7)
-    compiled = torch.compile(eager_loss)
+    compiled = dict(loss=torch.compile(eager_loss), kl=torch.compile(eager_kl))
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     except Exception as e:  # noqa: BLE001 (not installed, or no GPU)
         liger, why = None, f"{type(e).__name__}: {e}"
     for N, H, V in shapes:
-        g = torch.Generator(device=dev).manual_seed(0)
-        hidden = torch.randn(N, H, device=dev, generator=g).to(dtype).requires_grad_()
-        weight = (0.02 * torch.randn(V, H, device=dev, generator=g)).to(dtype).requires_grad_()
-        targets = torch.randint(0, V, (N,), device=dev, generator=g)
-        for loss in ("ce", "ih"):
-            methods = {("Triton kernel" if cuda else "twin (chunked)"): lambda: kernels.linear_loss(hidden, weight, targets, loss),
-                       "eager": lambda: eager_loss(hidden, weight, targets, loss),
-                       "torch.compile": lambda: compiled(hidden, weight, targets, loss)}
-            if loss == "ce" and liger is not None and cuda:
-                methods["Liger FLCE"] = lambda: liger(weight, hidden, targets)
-            for name, f in methods.items():
+        hidden, weight, targets, ref_hidden, ref_weight = loss_inputs(N, H, V, dtype, dev)
+        for loss in ("ce", "ih", "kl"):
+            for name, f in loss_methods(loss, hidden, weight, targets, ref_hidden, ref_weight, cuda, compiled,
+                                        liger).items():
                 def step():
                     f().sum().backward()
                     hidden.grad = weight.grad = None  # the grads count in the peak, not in the baseline
                 row(loss, N, H, V, name, *fmt(*measure(step, repeats, cuda)))
-        del hidden, weight, targets
+        del hidden, weight, targets, ref_hidden, ref_weight
     if liger is None or not cuda:
         print(f"\nLiger-Kernel not run: {why if liger is None else 'no CUDA'}")
+
+
+MEMORY_CASES = ["inputs", "ce eager", "ce twin (chunked)", "ih eager", "ih twin (chunked)", "kl eager",
+                "kl twin (chunked)"]
+
+
+def memory_case(case, N, H, V):
+    """Run in a fresh process: build the inputs, one forward + backward of `case`, print the max RSS."""
+    hidden, weight, targets, ref_hidden, ref_weight = loss_inputs(N, H, V, torch.float32, "cpu")
+    if case != "inputs":
+        loss, method = case.split(" ", 1)
+        loss_methods(loss, hidden, weight, targets, ref_hidden, ref_weight, False)[method]().sum().backward()
+    print(json.dumps(dict(case=case, maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+# glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the twins'
+# freed 8 MiB chunk buffers stay in the heap, fragmented, and count in the RSS as if they were live. A fixed
+# threshold (as a caching allocator reusing its blocks would behave) makes RSS follow the live memory: both
+# are reported, the ratio from the second.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def bench_loss_memory(N, H, V):
+    print(f"\n### (m) peak memory of forward + backward, max RSS of a fresh process per case, N = {N}, H = {H}, "
+          f"V = {V}, fp32\n")
+    peak = {}
+    for env in ({}, FIXED_MMAP):
+        for case in MEMORY_CASES:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", case, "--shape", f"{N},{H},{V}"],
+                                 check=True, capture_output=True, text=True, env={**os.environ, **env}).stdout
+            peak[case, bool(env)] = json.loads(out.strip().splitlines()[-1])["maxrss_mib"]
+    row("loss", "method", "max RSS, glibc default (MiB)", "max RSS, mmap threshold 1 MiB (MiB)",
+        "the same above inputs only (MiB)", "eager / this")
+    row(*["---"] * 6)
+    above = {case: peak[case, True] - peak["inputs", True] for case in MEMORY_CASES}
+    for case in MEMORY_CASES:
+        loss, method = case.split(" ", 1) if case != "inputs" else ("—", "inputs only")
+        ratio = f"{above[f'{loss} eager'] / max(above[case], 1e-9):.1f}x" if case != "inputs" else ""
+        row(loss, method, f"{peak[case, False]:.0f}", f"{peak[case, True]:.0f}", f"{above[case]:.0f}", ratio)
 
 # ----------------------------------------------------------------------------- (b) Fisher
 
@@ -164,6 +244,53 @@ def bench_fisher(n_seq, n_tok, n_layers, dtype, dev, repeats, cuda):
         ms, mem = measure(lambda: [f(x, gr) for pairs in data.values() for x, gr in pairs], repeats, cuda)
         row(f"all {len(GPT2_LINEARS)}", "", n_layers, method, *fmt(ms, mem), ratio(ms))
 
+# ----------------------------------------------------------------------------- (f) fisher() on whole models
+
+def per_sample_loop(model, split, layers):
+    """The naive Fisher: one forward + backward per sample of its mean NLL, its weight gradients squared."""
+    import unlearn
+    fisher, sq = {m: torch.zeros_like(m.weight) for m in layers}, []
+    for n in range(len(split)):
+        model.zero_grad(set_to_none=True)
+        unlearn.nll(model, split.take([n])).backward()
+        for m in layers:
+            fisher[m] += m.weight.grad ** 2
+        sq.append(sum((m.weight.grad ** 2).sum() for m in layers))
+    model.zero_grad(set_to_none=True)
+    return fisher, torch.stack(sq)
+
+
+def bench_fisher_models(models, dev, repeats, cuda):
+    """models: (name, GPTConfig, samples, tokens). One batch of `samples` sequences of `tokens` tokens."""
+    import numpy as np
+    import unlearn
+    from model import GPT
+    print("\n### (f) fisher() on a whole model vs one forward + backward vs a per-sample loop\n")
+    row("model", "samples x tokens", "method", "time (ms)", "x forward + backward")
+    row(*["---"] * 5)
+    for name, config, n_seq, n_tok in models:
+        torch.manual_seed(0)
+        model = GPT(config).to(dev)
+        rows = np.random.default_rng(0).integers(0, config.vocab_size, (n_seq, n_tok + 1))
+        split = unlearn.Split(rows, [n_tok + 1] * n_seq, [[]] * n_seq, dev)
+        layers = model.lora_layers()
+
+        def fwd_bwd():
+            unlearn.nll(model, split).backward()
+            model.zero_grad(set_to_none=True)
+        methods = {"forward + backward (mean NLL)": fwd_bwd,
+                   "fisher(): Fisher + norms": lambda: unlearn.fisher(model, split, layers, batch_size=n_seq),
+                   "fisher(diag=False): norms only": lambda: unlearn.fisher(model, split, layers, batch_size=n_seq,
+                                                                            diag=False),
+                   "per-sample loop": lambda: per_sample_loop(model, split, layers)}
+        base = None
+        for method, f in methods.items():
+            ms = measure(f, repeats, cuda)[0]
+            base = base or ms
+            row(name, f"{n_seq} x {n_tok}", method, f"{ms:.0f}", f"{ms / base:.2f}")
+        del model
+
+
 # ----------------------------------------------------------------------------- (c) end to end
 
 def bench_end_to_end(cuda, repeats):
@@ -203,19 +330,30 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU (the default without CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--case", choices=MEMORY_CASES, help="(m) internal: one memory case, in a fresh process")
+    parser.add_argument("--shape", default="8192,128,8192", help="(m) N,H,V")
     args = parser.parse_args()
+    if args.case:
+        memory_case(args.case, *map(int, args.shape.split(",")))
+        sys.exit()
+    from model import GPTConfig
+    gpt2_small = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+    people = GPTConfig(block_size=64, vocab_size=1700, n_layer=4, n_head=4, n_embd=128)  # the default target
     cuda = torch.cuda.is_available() and not args.cpu
     if cuda:
         dev, dtype = "cuda", torch.bfloat16
         print(f"## {torch.cuda.get_device_name()}, bf16, GPT-2 shapes")
         bench_loss([(8192, 768, 50257), (16384, 768, 50257), (8192, 2048, 50257), (16384, 2048, 50257)],
                    dtype, dev, args.repeats, cuda)
+        bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
+                             ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 32, 200)], dev, args.repeats, cuda)
         MODEL_FWD_BWD_MS = model_fwd_bwd(32, 200, 12, 50257, dev, dtype, args.repeats, cuda)
         bench_fisher(32, 200, 12, dtype, dev, args.repeats, cuda)
     else:
         dev, dtype = "cpu", torch.float32
         print(f"## CPU, small shapes, twins only (Triton needs CUDA); fp32, {torch.get_num_threads()} threads")
         bench_loss([(1024, 128, 8192)], dtype, dev, args.repeats, cuda)
-        MODEL_FWD_BWD_MS = model_fwd_bwd(4, 64, 2, 8192, dev, dtype, args.repeats, cuda)
-        bench_fisher(4, 64, 2, dtype, dev, args.repeats, cuda)
+        bench_loss_memory(*map(int, args.shape.split(",")))
+        bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
+                             ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 8, 64)], dev, args.repeats, cuda)
     bench_end_to_end(cuda, args.repeats)

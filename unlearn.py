@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import grad_sq, linear_loss, token_stats
+from kernels import grad_norms, grad_sq, linear_kl, linear_loss, token_stats
 from model import GPT, GPTConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
@@ -748,16 +748,19 @@ def loss_gd(model, ref, f, r, cfg):
 
 
 def vocab_logprobs(model, batch):
-    """log p_θ(v) for every vocabulary entry at the batch's target positions, [tokens, V]: full logits, which
-    the KL terms need (the fused kernel covers CE and IH only)."""
+    """log p_θ(v) for every vocabulary entry at the batch's target positions, [tokens, V]: full logits, for a
+    caller that needs the whole distribution (the KL terms use kernels.linear_kl, which never holds them)."""
     return (model(batch.x)[batch.y != -100] @ model.lm_head.weight.t()).float().log_softmax(-1)
 
 
 def kl_to_ref(model, ref, batch):
-    """KL(p_θ0 ‖ p_θ) over the vocabulary, mean over the batch's tokens."""
+    """KL(p_θ0 ‖ p_θ) over the vocabulary, mean over the batch's tokens, by kernels.linear_kl: no N × V logits.
+    A frozen lm_head (LoRA, EUL) equals θ0's: then one matmul serves both models."""
+    mask = batch.y != -100
     with torch.no_grad():
-        logp = vocab_logprobs(ref, batch)
-    return F.kl_div(vocab_logprobs(model, batch), logp, log_target=True, reduction="batchmean")
+        ref_h = ref(batch.x)[mask]
+    W, ref_W = model.lm_head.weight, ref.lm_head.weight
+    return linear_kl(model(batch.x)[mask], W, ref_h, None if torch.equal(W, ref_W) else ref_W).mean()
 
 
 def loss_kl(model, ref, f, r, cfg):
@@ -795,13 +798,14 @@ LOSS_FNS = dict(ga=loss_ga, gd=loss_gd, kl=loss_kl, npo=loss_npo, ih=loss_ih)
 # adapters: LoRA, and FILA, LoRA initialised from the Fisher information (Cha et al., ICLR 2025)
 
 
-def fisher(model, split, layers, batch_size=32):
+def fisher(model, split, layers, batch_size=32, diag=True):
     """Empirical Fisher diagonal F = (1/N) Σ_n (∇_W ℓ_n)² of each layer's weight (ℓ_n: sample n's mean NLL)
     and the per-sample squared gradient norms Σ_layers ‖∇_W ℓ_n‖²_F, from exact per-sample gradients.
 
     One forward/backward of Σ_n ℓ_n per batch: hooks catch each layer's input x [N, T, in] and output
     gradient g [N, T, out], and ∇_W ℓ_n = g_nᵀ x_n, so kernels.grad_sq forms Σ_n (g_nᵀ x_n)² tile by tile
-    without ever holding N per-sample gradients. (FILA's own code squares mini-batch gradients instead.)"""
+    without ever holding N per-sample gradients. (FILA's own code squares mini-batch gradients instead.)
+    diag=False: the norms alone (None for the Fisher), by kernels.grad_norms' Gram form where it is cheaper."""
     inputs, grads = {}, {}
 
     def hook(m, inp, out):
@@ -811,13 +815,18 @@ def fisher(model, split, layers, batch_size=32):
     handles = [m.register_forward_hook(hook) for m in layers]
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(True)  # the hooks need a backward pass through every layer
-    fish = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in layers}
+    fish = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in layers} if diag else None
     sq_norms = torch.zeros(len(split), device=split.rows.device)
     with torch.enable_grad():
         for i in range(0, len(split), batch_size):
             b = split.take(range(i, min(i + batch_size, len(split))))
-            (token_loss(model, b.x, b.y).sum(1) / (b.y != -100).sum(1)).sum().backward()
+            # Σ_n ℓ_n with per-token weights 1/#tokens(n), known now: the loss op forms its grads in the forward
+            scale = (1 / (b.y != -100).sum(1, keepdim=True)).expand_as(b.y)
+            linear_loss(model(b.x).flatten(0, 1), model.lm_head.weight, b.y.flatten(), scale=scale.flatten()).backward()
             for m in layers:
+                if not diag:
+                    sq_norms[i:i + len(b)] += grad_norms(inputs[m], grads[m])
+                    continue
                 f, sq = grad_sq(inputs[m], grads[m])
                 fish[m] += f
                 sq_norms[i:i + len(b)] += sq
@@ -826,7 +835,7 @@ def fisher(model, split, layers, batch_size=32):
     for p, flag in zip(model.parameters(), flags):
         p.requires_grad_(flag)
     model.zero_grad(set_to_none=True)
-    return {m: f / len(split) for m, f in fish.items()}, sq_norms
+    return (None if fish is None else {m: f / len(split) for m, f in fish.items()}), sq_norms
 
 
 @torch.no_grad()
@@ -1116,9 +1125,9 @@ def proxy_el(target, forget, data, cfg):
 
 
 def proxy_gradnorm(target, forget, data, cfg):
-    """Minus the per-sample gradient norm over every block linear (kernels.grad_sq): a memorized sample sits
+    """Minus the per-sample gradient norm over every block linear (kernels.grad_norms): a memorized sample sits
     at a minimum of its own loss, so its gradient is small."""
-    return (-fisher(target, forget, target.lora_layers())[1].sqrt()).cpu().numpy()
+    return (-fisher(target, forget, target.lora_layers(), diag=False)[1].sqrt()).cpu().numpy()
 
 
 def proxy_holdout(target, forget, data, cfg, epochs=5):
@@ -1134,9 +1143,10 @@ def proxy_holdout(target, forget, data, cfg, epochs=5):
             opt.zero_grad(set_to_none=True)
     tuned.eval()
     with torch.no_grad():
-        logp, logq = vocab_logprobs(target, forget), vocab_logprobs(tuned, forget)
-        sym = ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)  # one per target token, row by row
         mask = forget.y != -100
+        # Σ_v (p − q)(log p − log q), one per target token, without the N × V logits
+        sym = linear_kl(tuned(forget.x)[mask], tuned.lm_head.weight, target(forget.x)[mask], target.lm_head.weight,
+                        symmetric=True)
         per_row = torch.zeros(len(mask), device=sym.device).index_add_(0, mask.nonzero()[:, 0], sym)
         return (per_row / mask.sum(1)).cpu().numpy()
 

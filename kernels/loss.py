@@ -24,9 +24,18 @@ and autograd keeps a softmax of the same size). The scheme is Liger-Kernel's fus
   backward, per chunk again (z is recomputed rather than stored, like flash attention):
     z = h_chunk @ Wᵀ;  a Triton kernel overwrites z with g_t · dloss_t/dz using the saved lse;
     dh_chunk = dz @ W,  dW += dzᵀ @ h_chunk.
-The backward cannot be folded into the forward (as Liger does for a mean loss) because dW depends on the
-per-token g, unknown until backward. Extra memory is O(CHUNK × V); compute is 4 matmuls instead of 3.
-bf16 inputs give bf16 logits (cuBLAS accumulates in fp32); all softmax statistics are fp32.
+dW is accumulated in one fp32 [V, H] buffer across chunks, by an fp32-output matmul (no [V, H] temporary
+per chunk; on a GPU with bf16 inputs this is torch.addmm(..., out_dtype=torch.float32)).
+Two ways to get gradients:
+  per-token loss [N] (no `scale`): the backward recomputes z, as above, for any upstream g_t (NPO's
+    sequence weights are known only in the backward). 4 matmuls per chunk: z twice, dh, dW.
+  weighted sum Σ_t scale_t loss_t (`scale` given, a constant, e.g. 1/#tokens for a mean NLL or IH): g = scale
+    is known in the forward, so dL/dz, dh and dW are formed there, as Liger does for a mean loss, and the
+    backward only multiplies them by the upstream scalar. 3 matmuls per chunk; dh [N, H] and dW are held
+    from the forward to the backward.
+Extra memory is O(CHUNK × V), CHUNK from chunk_rows(N, H, V). Inputs are fp32 or bf16 (asserted); bf16
+gives bf16 logits (cuBLAS accumulates in fp32); all softmax statistics are fp32. A target outside [0, V)
+that is not ignore_index raises ValueError (the kernel would otherwise never meet it and return loss = lse).
 
 `linear_token_stats` reuses the forward pass for evaluation: log p(target) and whether argmax == target.
 The `_ref` twins are plain PyTorch with the same signatures: the references for the tests, and what runs
@@ -47,8 +56,48 @@ except ImportError:  # no Triton (e.g. a laptop): the kernels below can be defin
     triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
     HAVE_TRITON = False
 
-CHUNK = 1024     # tokens per chunk: the [CHUNK, V] logits buffer is the extra memory (200 MiB fp32 at V = 50257)
+CHUNK = None     # tokens per chunk; None: chunk_rows(N, H, V). The [CHUNK, V] logits buffer is the extra memory
 BLOCK_V = 4096   # vocabulary entries per step of the online pass (the tests shrink both to hit ragged edges)
+
+
+def chunk_rows(N, H, V):
+    """Tokens per chunk: enough that the chunk's [rows, V] logits are about as large as the [N, H] hidden
+    states (Liger-Kernel's rule: the loss then costs no more memory than its input), at least 256 rows so
+    that each matmul stays large enough to run near peak, at most N."""
+    rows = 1 << max(0, -(-N * H // V) - 1).bit_length()  # next power of two of ceil(N·H / V)
+    return max(1, min(N, max(256, rows)))
+
+
+def _check_dtypes(*tensors):
+    for t in tensors:
+        assert t.dtype in (torch.float32, torch.bfloat16), f"fp32 or bf16 inputs only, got {t.dtype}"
+
+
+def _check_targets(targets, V, ignore_index):
+    # one host sync per call: cheap next to the matmuls, and a silent loss = lse is far worse
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bad.any():
+        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index ({ignore_index}); "
+                         f"got {targets[bad][:5].tolist()}")
+
+
+_OUT_DTYPE = [True]  # torch.addmm(..., out_dtype=) on this GPU; cleared the first time torch refuses it
+
+
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b, acc fp32, without a temporary of acc's size: addmm_ in place for fp32 inputs; for bf16
+    on a GPU, torch's fp32-output matmul (cuBLAS, bf16 in, fp32 accumulate and out). torch 2.13 has that
+    for CUDA only, so a CPU (the Triton interpreter) or a torch without it takes a bf16 temporary."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _OUT_DTYPE[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE[0] = False
+    acc += a @ b
 
 
 # -----------------------------------------------------------------------------
@@ -109,63 +158,118 @@ def _grad_kernel(z_ptr, z_stride, y_ptr, g_ptr, lse_ptr, zy_ptr, zr_ptr, r_ptr, 
 # -----------------------------------------------------------------------------
 # Triton path
 
-def _online_stats(hidden, weight, targets, ignore_index):
-    """lse, z_y, z_r (runner-up logit), r (runner-up index) per token, one [CHUNK, V] chunk at a time."""
+def _online_stats(hidden, weight, targets, ignore_index, chunk, grad_scale=None, dh=None, dW=None, ih=False):
+    """lse, z_y, z_r (runner-up logit), r (runner-up index) per token, one [chunk, V] logits chunk at a time.
+    With grad_scale [N] (the per-token g, known in the forward), also dh[s:e] = dz W and dW += dzᵀ h from
+    the same chunk of logits, turned into dz in place after its statistics are taken."""
     N, V = hidden.shape[0], weight.shape[0]
     lse, zy, zr = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
     r = torch.empty(N, device=hidden.device, dtype=torch.int32)
-    for s in range(0, N, CHUNK):
-        e = min(s + CHUNK, N)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
         z = hidden[s:e] @ weight.T
         _stats_kernel[(e - s,)](z, z.stride(0), targets[s:e], lse[s:e], zy[s:e], zr[s:e], r[s:e],
                                 V, ignore_index, BLOCK_V=BLOCK_V, num_warps=8)
+        if grad_scale is not None:
+            _backward_chunk(z, hidden, weight, targets, grad_scale, lse, zy, zr, r, s, e, ih, ignore_index, dh, dW)
     return lse, zy, zr, r
 
 
+def _backward_chunk(z, hidden, weight, targets, g, lse, zy, zr, r, s, e, ih, ignore_index, dh, dW):
+    """Overwrites the chunk's logits z with g · dloss/dz, then dh[s:e] = dz W and dW += dzᵀ h (fp32)."""
+    _grad_kernel[(e - s,)](z, z.stride(0), targets[s:e], g[s:e], lse[s:e], zy[s:e], zr[s:e], r[s:e],
+                           weight.shape[0], ignore_index, IH=ih, BLOCK_V=BLOCK_V, num_warps=8)
+    if dh is not None:
+        dh[s:e] = z @ weight
+    if dW is not None:
+        _addmm_fp32(dW, z.T, hidden[s:e])
+
+
+def _token_loss(targets, lse, zy, zr, ih, ignore_index):
+    loss = 1 + torch.exp(zy - lse) - torch.exp(zr - lse) if ih else lse - zy
+    return loss.masked_fill(targets == ignore_index, 0.0)
+
+
+def _grad_buffers(hidden, weight, need_h, need_w):
+    dh = torch.empty_like(hidden) if need_h else None
+    dW = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+    return dh, dW
+
+
 class _FusedLinearLoss(torch.autograd.Function):
+    """Per-token loss [N]; the backward recomputes the logits for any upstream gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ih, ignore_index):
-        lse, zy, zr, r = _online_stats(hidden, weight, targets, ignore_index)
-        loss = 1 + torch.exp(zy - lse) - torch.exp(zr - lse) if ih else lse - zy
-        loss = loss.masked_fill(targets == ignore_index, 0.0)
+        ctx.chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+        lse, zy, zr, r = _online_stats(hidden, weight, targets, ignore_index, ctx.chunk)
         ctx.save_for_backward(hidden, weight, targets, lse, zy, zr, r)
         ctx.ih, ctx.ignore_index = ih, ignore_index
-        return loss
+        return _token_loss(targets, lse, zy, zr, ih, ignore_index)
 
     @staticmethod
     @once_differentiable  # no double backward
     def backward(ctx, dloss):
         hidden, weight, targets, lse, zy, zr, r = ctx.saved_tensors
-        N, V = hidden.shape[0], weight.shape[0]
         dloss = dloss.float().contiguous()  # the grad of a .sum() arrives as a stride-0 view
-        dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dW = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for s in range(0, N, CHUNK):
-            e = min(s + CHUNK, N)
+        dh, dW = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            e = min(s + ctx.chunk, hidden.shape[0])
             z = hidden[s:e] @ weight.T  # recomputed, then turned into dL/dz in place
-            _grad_kernel[(e - s,)](z, z.stride(0), targets[s:e], dloss[s:e], lse[s:e], zy[s:e], zr[s:e], r[s:e],
-                                   V, ctx.ignore_index, IH=ctx.ih, BLOCK_V=BLOCK_V, num_warps=8)
-            if dh is not None:
-                dh[s:e] = z @ weight
-            if dW is not None:
-                dW += z.T @ hidden[s:e]  # fp32 accumulator across chunks, also for bf16
+            _backward_chunk(z, hidden, weight, targets, dloss, lse, zy, zr, r, s, e, ctx.ih, ctx.ignore_index, dh, dW)
         return dh, None if dW is None else dW.to(weight.dtype), None, None, None
 
 
-def fused_linear_loss(hidden, weight, targets, loss="ce", ignore_index=-100):
-    """Per-token CE or IH [N] fp32 of logits hidden [N,H] @ weight[V,H]ᵀ, 0 at ignore_index; Triton."""
+def _scaled_grads(ctx, dtotal):
+    """The gradients formed in the forward, times the upstream scalar."""
+    dh, dW = ctx.saved_tensors
+    return (None if dh is None else dh * dtotal.to(dh.dtype),
+            None if dW is None else (dW * dtotal).to(ctx.weight_dtype))
+
+
+class _FusedLinearLossScaled(torch.autograd.Function):
+    """Σ_t scale_t loss_t, a scalar; gradients formed in the forward (scale is known there)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, ih, ignore_index):
+        chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+        scale = scale.float().masked_fill(targets == ignore_index, 0.0).contiguous()
+        dh, dW = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
+        lse, zy, zr, r = _online_stats(hidden, weight, targets, ignore_index, chunk, scale, dh, dW, ih)
+        ctx.save_for_backward(dh, dW)
+        ctx.weight_dtype = weight.dtype
+        return (_token_loss(targets, lse, zy, zr, ih, ignore_index) * scale).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dtotal):
+        return *_scaled_grads(ctx, dtotal), None, None, None, None
+
+
+def fused_linear_loss(hidden, weight, targets, loss="ce", ignore_index=-100, scale=None):
+    """Per-token CE or IH [N] fp32 of logits hidden [N,H] @ weight[V,H]ᵀ, 0 at ignore_index; or, with
+    scale [N] (a constant), the scalar Σ_t scale_t loss_t with its gradients formed in the forward. Triton."""
     assert HAVE_TRITON, "fused_linear_loss needs Triton; fused_linear_loss_ref is the PyTorch twin"
     assert loss in ("ce", "ih"), loss
-    return _FusedLinearLoss.apply(hidden, weight, targets.contiguous(), loss == "ih", ignore_index)
+    _check_dtypes(hidden, weight)
+    targets = targets.contiguous()
+    _check_targets(targets, weight.shape[0], ignore_index)
+    if scale is None:
+        return _FusedLinearLoss.apply(hidden, weight, targets, loss == "ih", ignore_index)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return (_FusedLinearLoss.apply(hidden, weight, targets, loss == "ih", ignore_index) * scale).sum()
+    return _FusedLinearLossScaled.apply(hidden, weight, targets, scale.detach(), loss == "ih", ignore_index)
 
 
 @torch.no_grad()
 def linear_token_stats(hidden, weight, targets, ignore_index=-100):
     """(log p(target) [N] fp32, argmax == target [N] bool), 0 / False at ignore_index; Triton."""
     assert HAVE_TRITON, "linear_token_stats needs Triton; linear_token_stats_ref is the PyTorch twin"
+    _check_dtypes(hidden, weight)
     targets = targets.contiguous()
-    lse, zy, zr, r = _online_stats(hidden, weight, targets, ignore_index)
+    _check_targets(targets, weight.shape[0], ignore_index)
+    chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+    lse, zy, zr, r = _online_stats(hidden, weight, targets, ignore_index, chunk)
     ignored = targets == ignore_index
     # argmax == y: y beats the runner-up, or ties it and comes first (torch.argmax returns the first max)
     correct = ((zy > zr) | ((zy == zr) & (targets < r))) & ~ignored
@@ -187,25 +291,63 @@ def _chunk_loss_ref(hidden, weight, targets, ih, ignore_index):
     return torch.where(valid, 1 + p_y - p_r, 0.0)
 
 
-def fused_linear_loss_ref(hidden, weight, targets, loss="ce", ignore_index=-100):
+class _FusedLinearLossScaledRef(torch.autograd.Function):
+    """Twin of _FusedLinearLossScaled: autograd's gradients of each chunk's Σ scale·loss, taken in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, ih, ignore_index, chunk):
+        need = ctx.needs_input_grad[:2]
+        dh, dW = _grad_buffers(hidden, weight, *need)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            with torch.enable_grad():
+                h, W = hidden[s:s + chunk].detach().requires_grad_(need[0]), weight.detach().requires_grad_(need[1])
+                part = (_chunk_loss_ref(h, W, targets[s:s + chunk], ih, ignore_index) * scale[s:s + chunk]).sum()
+                grads = list(torch.autograd.grad(part, [t for t, n in zip((h, W), need) if n]))
+            if need[0]:
+                dh[s:s + chunk] = grads.pop(0)
+            if need[1]:
+                dW += grads.pop(0)
+            total += part.detach()
+        ctx.save_for_backward(dh, dW)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dtotal):
+        return *_scaled_grads(ctx, dtotal), None, None, None, None, None
+
+
+def fused_linear_loss_ref(hidden, weight, targets, loss="ce", ignore_index=-100, scale=None):
     """PyTorch twin of fused_linear_loss."""
     assert loss in ("ce", "ih"), loss
+    _check_dtypes(hidden, weight)
+    _check_targets(targets, weight.shape[0], ignore_index)
+    chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+    if scale is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearLossScaledRef.apply(hidden, weight, targets, scale.detach().float(), loss == "ih",
+                                               ignore_index, chunk)
     out = []
-    for s in range(0, hidden.shape[0], CHUNK):
-        args = (hidden[s:s + CHUNK], weight, targets[s:s + CHUNK], loss == "ih", ignore_index)
+    for s in range(0, hidden.shape[0], chunk):
+        args = (hidden[s:s + chunk], weight, targets[s:s + chunk], loss == "ih", ignore_index)
         # checkpoint: keep no chunk's logits for backward, recompute them there
         out.append(checkpoint(_chunk_loss_ref, *args, use_reentrant=False) if torch.is_grad_enabled()
                    else _chunk_loss_ref(*args))
-    return torch.cat(out)
+    out = torch.cat(out)
+    return out if scale is None else (out * scale.detach().float()).sum()
 
 
 @torch.no_grad()
 def linear_token_stats_ref(hidden, weight, targets, ignore_index=-100):
     """PyTorch twin of linear_token_stats."""
+    _check_dtypes(hidden, weight)
+    _check_targets(targets, weight.shape[0], ignore_index)
+    chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
     logp, correct = [], []
-    for s in range(0, hidden.shape[0], CHUNK):
-        z = (hidden[s:s + CHUNK] @ weight.T).float()
-        y = targets[s:s + CHUNK]
+    for s in range(0, hidden.shape[0], chunk):
+        z = (hidden[s:s + chunk] @ weight.T).float()
+        y = targets[s:s + chunk]
         valid = y != ignore_index
         lp = z.log_softmax(-1).gather(1, y.where(valid, 0)[:, None])[:, 0]
         logp.append(torch.where(valid, lp, 0.0))
