@@ -1,28 +1,55 @@
 """
-A GPT-2 in one file, after nanoGPT's model.py, with what unlearning needs on top:
+One decoder-only transformer in one file, after nanoGPT's model.py, covering three checkpoint families:
+  - GPT-2 (learned positions, LayerNorm, GELU, tied head, biases): the default GPTConfig, also trained from scratch;
+  - GPT-Neo (GPT-2 plus alternating global / local attention, no 1/sqrt(d) attention scaling);
+  - Llama (rotary positions with the checkpoint's theta and scaling, RMSNorm, SwiGLU, grouped-query attention).
+A handful of GPTConfig fields choose between them; nothing else knows the family. On top, what unlearning needs:
   - forward() returns the final hidden states, not logits: the losses are computed by kernels/ straight
     from hidden states and the lm_head weight, so B*T*V logits never need to exist at once;
   - generate(): batched greedy decoding on a KV cache (extraction likelihood needs thousands of them);
   - LoRALinear: every attention and MLP linear can carry a low-rank adapter that can be added, merged,
-    unmerged and removed;
-  - from_pretrained(): GPT-2 weights through `transformers`, imported only there.
+    unmerged and removed; adapters_off() switches every adapter off, so the model is its own θ0 reference;
+  - from_pretrained() / save_pretrained(): transformers checkpoints (safetensors) in and out, without
+    instantiating transformers' own model (the weights go straight into this one).
 """
+import json
 import math
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 128
+    block_size: int = 128         # longest context: learned positions' table, or a checkpoint's max positions
     vocab_size: int = 4096
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    bias: bool = True
+    bias: bool = True             # biases of the norms, the MLP and the attention output (GPT-2: everywhere)
+    # The defaults below are GPT-2; GPT-Neo and Llama checkpoints set them (see config_from_hf()).
+    qkv_bias: bool | None = None  # biases of q, k, v; None: as `bias` (GPT-Neo has none, Llama has attention_bias)
+    fused_qkv: bool = True        # one c_attn linear for q, k, v (GPT-2); else q_proj, k_proj, v_proj
+    n_kv_head: int | None = None  # grouped-query attention: heads of k and v; None: n_head
+    head_dim: int | None = None   # None: n_embd // n_head
+    n_inner: int | None = None    # MLP width; None: 4 * n_embd
+    mlp: str = "gelu"             # "gelu": c_proj(gelu_tanh(c_fc x)); "swiglu": c_proj(silu(c_gate x) * c_fc x)
+    norm: str = "layernorm"       # or "rmsnorm"
+    norm_eps: float = 1e-5
+    pos: str = "learned"          # "learned" (a wpe table) or "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    window: tuple = ()            # per layer: 0 = global attention, w > 0 = the last w positions only (GPT-Neo)
+    attn_scale: float | None = None   # None: 1/sqrt(head_dim); GPT-Neo: 1.0
+    tie_embeddings: bool = True   # lm_head shares wte's weight (GPT-2, GPT-Neo, Llama-3.2 1B/3B)
 
 
 class LoRALinear(nn.Linear):
@@ -34,7 +61,7 @@ class LoRALinear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True):
         super().__init__(in_features, out_features, bias=bias)
         self.lora_A = self.lora_B = None
-        self.scale, self.merged = 0.0, False
+        self.scale, self.merged, self.adapters_on = 0.0, False, True
 
     def add_lora(self, rank, alpha, A=None, B=None):
         if A is None:  # the usual LoRA start: A random, B zero
@@ -63,62 +90,138 @@ class LoRALinear(nn.Linear):
         self.lora_A = self.lora_B = None
         self.scale, self.merged = 0.0, False
 
+    def merged_weight(self):
+        """W with the adapter folded in (in fp32, then the weight's dtype), leaving the layer as it is."""
+        if self.lora_A is None or self.merged:
+            return self.weight
+        return (self.weight.float() + self.delta().float()).to(self.weight.dtype)
+
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None and not self.merged:
-            y = y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        # the adapter's term is added when it is on and not in W yet, subtracted when it is off but in W
+        if self.lora_A is not None and self.merged != self.adapters_on:
+            sign = 1.0 if self.adapters_on else -1.0
+            y = y + sign * self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias)
-        self.n_head = config.n_head
+class RMSNorm(nn.Module):
+    """Llama's norm: x / rms(x) * w, computed in fp32 and cast back before the weight, as transformers does."""
 
-    def forward(self, x, cache=None):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def norm(config):
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_frequencies(config, device):
+    """Rotary inverse frequencies theta^(-2i/d), in fp32, with the checkpoint's scaling.
+
+    llama3 (Llama-3.1+): wavelengths shorter than original_max / high_freq_factor are kept (local detail),
+    longer than original_max / low_freq_factor are divided by `factor` (stretched to the longer context),
+    and those in between blend the two linearly in original_max / wavelength. linear: all divided by factor."""
+    hd = config.head_dim or config.n_embd // config.n_head
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    s = config.rope_scaling or {}
+    if s.get("rope_type") == "linear":
+        inv = inv / s["factor"]
+    elif s.get("rope_type") == "llama3":
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old / lo, inv / factor, torch.where(wavelen < old / hi, inv, blended))
+    return inv
+
+
+def rotate(x, cos, sin):
+    """RoPE in the rotate-half layout of transformers' Llama (first and second halves of a head form the pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, window=0):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        if config.fused_qkv:
+            self.c_attn = LoRALinear(config.n_embd, q_dim + 2 * kv_dim, bias=qkv_bias)
+        else:
+            self.q_proj = LoRALinear(config.n_embd, q_dim, bias=qkv_bias)
+            self.k_proj = LoRALinear(config.n_embd, kv_dim, bias=qkv_bias)
+            self.v_proj = LoRALinear(config.n_embd, kv_dim, bias=qkv_bias)
+        self.c_proj = LoRALinear(q_dim, config.n_embd, bias=config.bias)
+        self.window, self.scale = window, config.attn_scale
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, _ = x.size()
+        if hasattr(self, "c_attn"):
+            q, k, v = self.c_attn(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if rope is not None:  # cos, sin of the new positions (offset by the cache length)
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        start = 0
         if cache is not None:  # cache = [k, v] of the positions before, extended in place
             if cache[0] is not None:
+                start = cache[0].size(2)
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
-        # causal within the new positions; they all see every cached position before them
-        causal = k.size(2) == T and T > 1
-        if not causal and T > 1:  # several new tokens after a cache: an explicit offset mask
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        mask = None
+        if start > 0 or self.window:  # query i (at start + i) sees keys j <= start + i, and the last `window` only
+            i = torch.arange(start, start + T, device=x.device)[:, None]
+            j = torch.arange(k.size(2), device=x.device)
+            mask = j <= i
+            if self.window:
+                mask = mask & (i - j < self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = LoRALinear(config.n_embd, inner, bias=config.bias)
+        if config.mlp == "swiglu":
+            self.c_gate = LoRALinear(config.n_embd, inner, bias=config.bias)
+        self.c_proj = LoRALinear(inner, config.n_embd, bias=config.bias)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        if hasattr(self, "c_gate"):  # SwiGLU (Llama): a SiLU gate times a linear unit
+            return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's and GPT-Neo's "gelu_new"
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
+        self.attn = CausalSelfAttention(config, config.window[layer] if config.window else 0)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
-        self.adapter = None  # EUL's unlearning layer goes here (unlearn.py); None: plain GPT-2 block
+        self.adapter = None  # EUL's unlearning layer goes here (unlearn.py); None: a plain block
+        self.adapters_on = True
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
         x = x + self.mlp(self.ln_2(x))
-        return x if self.adapter is None else x + self.adapter(x)
+        return x if self.adapter is None or not self.adapters_on else x + self.adapter(x)
 
 
 class GPT(nn.Module):
@@ -127,16 +230,24 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=norm(config),
         ))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings, as in GPT-2
+        self.tie()
+        self.hf_config = None  # the checkpoint's config.json (a dict) when loaded by from_pretrained
+        self.hf_generation_config = None  # and its generation_config.json, passed on by save_pretrained
+        self.checkpointing = False  # activation checkpointing of every block in training forwards (full-weight runs)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def tie(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -153,9 +264,18 @@ class GPT(nn.Module):
         T = idx.size(1)
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block size {self.config.block_size}"
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x, rope = self.transformer.wte(idx), None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:  # cos and sin in fp32, then the activations' dtype (as transformers does)
+            angles = pos[:, None].float() * rope_frequencies(self.config, idx.device)[None]
+            angles = torch.cat([angles, angles], dim=-1)
+            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else caches[i])
+            if self.checkpointing and self.training and caches is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, use_reentrant=False)  # recomputed in backward: memory for time
+            else:
+                x = block(x, rope, None if caches is None else caches[i])
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
@@ -175,29 +295,204 @@ class GPT(nn.Module):
         """The linears LoRA adapts: every attention and MLP linear of every block (not wte/lm_head)."""
         return [m for m in self.transformer.h.modules() if isinstance(m, LoRALinear)]
 
-    @torch.no_grad()
-    def restrict_vocab(self, token_ids):
-        """Keep only the embedding rows of `token_ids` (a dataset's own small vocabulary, see
-        data/people/prepare.py), so a pretrained GPT-2 speaks the dataset's token ids."""
-        wte = nn.Embedding(len(token_ids), self.config.n_embd).to(self.lm_head.weight)
-        wte.weight.copy_(self.transformer.wte.weight[torch.as_tensor(token_ids)])
-        self.transformer.wte, self.lm_head.weight = wte, wte.weight
-        self.lm_head.out_features = self.config.vocab_size = len(token_ids)
+    @contextmanager
+    def adapters_off(self):
+        """Within it, every LoRA adapter and every Block.adapter is skipped (merged ones are taken back out):
+        the base model, e.g. the frozen θ0 reference of an adapter run, without a second copy of the weights."""
+        mods = self.lora_layers() + list(self.transformer.h)
+        before = [m.adapters_on for m in mods]
+        for m in mods:
+            m.adapters_on = False
+        try:
+            yield self
+        finally:
+            for m, on in zip(mods, before):
+                m.adapters_on = on
+
+    # ------------------------------------------------------------------------- transformers checkpoints
 
     @classmethod
-    def from_pretrained(cls, name_or_path="gpt2"):
-        """GPT-2 weights ('gpt2', 'gpt2-medium', ... or a local folder) through transformers."""
-        from transformers import GPT2LMHeadModel  # lazily: only this function needs transformers
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        c = hf.config
-        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                              n_head=c.n_head, n_embd=c.n_embd, bias=True))
-        sd, sd_hf = model.state_dict(), hf.state_dict()
-        # HF's GPT-2 uses Conv1D, whose weight is the transpose of nn.Linear's
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
+        """A transformers checkpoint of model_type gpt2, gpt_neo or llama: a local folder (config.json and
+        model.safetensors, or shards listed in model.safetensors.index.json) or a Hugging Face Hub id.
+        Every bad input is a ValueError with a one-line message."""
+        folder = resolve(name_or_path)
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        config = config_from_hf(hf)
+        with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
+            model = cls(config)
+        model = model.to(dtype).to_empty(device=device)
+        model.tie()  # to_empty() makes new tensors, one per module: tie them again
+        model.hf_config = hf
+        gen = os.path.join(folder, "generation_config.json")
+        if os.path.exists(gen):
+            with open(gen) as f:
+                model.hf_generation_config = json.load(f)
+        from safetensors import safe_open  # ships with transformers
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(folder, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise ValueError(f"{folder} has no model.safetensors (nor model.safetensors.index.json): "
+                             f"only safetensors weights are read")
+        wanted = {hf_name(n, hf["model_type"]): (n, p) for n, p in model.named_parameters()}  # tied: wte only
         with torch.no_grad():
-            for k in sd:
-                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert src.shape == sd[k].shape, f"{k}: {src.shape} vs {sd[k].shape}"
-                sd[k].copy_(src)
-        return model
+            for file in files:
+                with safe_open(os.path.join(folder, file), framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        ours = key if key in wanted else "transformer." + key  # hub "gpt2" has no prefix
+                        if ours not in wanted:
+                            continue  # buffers such as GPT-2's attn.bias, or a tied lm_head.weight
+                        name, p = wanted.pop(ours)
+                        t = f.get_tensor(key)
+                        if hf["model_type"] == "gpt2" and name.endswith(CONV1D):
+                            t = t.t()  # GPT-2's Conv1D stores the transpose of nn.Linear's weight
+                        if t.shape != p.shape:
+                            raise ValueError(f"{key} has shape {tuple(t.shape)} in {folder}, expected {tuple(p.shape)}")
+                        p.copy_(t)
+        if wanted:
+            raise ValueError(f"{folder} lacks {len(wanted)} weights, e.g. {next(iter(wanted))}")
+        return model.eval()
+
+    def save_pretrained(self, folder):
+        """Write a transformers checkpoint (config.json, model.safetensors in the model's dtype) to `folder`,
+        with LoRA adapters merged on the way out (the model itself is left as it is). Written to a temporary
+        folder first and renamed: never a half-written folder."""
+        if any(b.adapter is not None for b in self.transformer.h):
+            raise ValueError("save_pretrained: the model carries EUL unlearning layers (Block.adapter), "
+                             "which a transformers checkpoint has no place for")
+        hf = dict(self.hf_config or gpt2_config(self.config))
+        model_type, dtype = hf["model_type"], self.lm_head.weight.dtype
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+        if "torch_dtype" in hf:
+            hf["torch_dtype"] = hf["dtype"]
+        tensors, seen = {}, set()
+        with torch.no_grad():
+            for mod_name, m in self.named_modules():
+                for p_name, p in m.named_parameters(recurse=False):
+                    if p_name in ("lora_A", "lora_B") or id(p) in seen:
+                        continue  # adapters go in merged; a tied lm_head is wte (transformers ties it back)
+                    seen.add(id(p))
+                    name = f"{mod_name}.{p_name}"
+                    t = m.merged_weight() if isinstance(m, LoRALinear) and p_name == "weight" else p
+                    if model_type == "gpt2" and name.endswith(CONV1D):
+                        t = t.t()
+                    tensors[hf_name(name, model_type)] = t.detach().to(dtype).contiguous().cpu()
+        from safetensors.torch import save_file
+        folder = os.path.abspath(folder)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
+        try:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            for file, content in (("config.json", hf), ("generation_config.json", self.hf_generation_config)):
+                if content is not None:
+                    with open(os.path.join(tmp, file), "w") as f:
+                        json.dump(content, f, indent=2)
+            if os.path.exists(folder):  # replace: the old one moves aside until the new one is in place
+                old = tmp + ".old"
+                os.rename(folder, old)
+                os.rename(tmp, folder)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+# ----------------------------------------------------------------------------- checkpoint formats
+
+SUPPORTED = ("gpt2", "gpt_neo", "llama")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# our parameter names -> the checkpoint's: (top-level module renames, in-block module renames); the rest is equal
+HF_NAMES = {
+    "gpt2": ({}, {}),
+    "gpt_neo": ({}, {"attn.q_proj": "attn.attention.q_proj", "attn.k_proj": "attn.attention.k_proj",
+                     "attn.v_proj": "attn.attention.v_proj", "attn.c_proj": "attn.attention.out_proj"}),
+    "llama": ({"transformer.wte": "model.embed_tokens", "transformer.h": "model.layers", "transformer.ln_f": "model.norm"},
+              {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
+               "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.c_proj": "self_attn.o_proj",
+               "mlp.c_gate": "mlp.gate_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}),
+}
+
+
+def hf_name(name, model_type):
+    top, block = HF_NAMES[model_type]
+    m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        return f"{top.get('transformer.h', 'transformer.h')}.{m[1]}.{block.get(m[2], m[2])}.{m[3]}"
+    module, param = name.rsplit(".", 1)
+    return f"{top.get(module, module)}.{param}"
+
+
+def config_from_hf(c):
+    """GPTConfig from a config.json dict; defaults are transformers' where a key is missing."""
+    kind = c.get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(f"model_type {kind!r} is not supported: only {', '.join(SUPPORTED)}")
+    if kind == "llama":
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})  # transformers 5 / 4 spelling
+        rope_type = rope.setdefault("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope scaling {rope_type!r} is not supported: only default, linear and llama3")
+        rope.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 2048))
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported: only silu (SwiGLU)")
+        return GPTConfig(
+            block_size=c.get("max_position_embeddings", 2048), vocab_size=c.get("vocab_size", 32000),
+            n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+            n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
+            n_inner=c["intermediate_size"], bias=c.get("mlp_bias", False), qkv_bias=c.get("attention_bias", False),
+            fused_qkv=False, mlp="swiglu", norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
+            pos="rope", rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            rope_scaling=None if rope_type == "default" else rope, tie_embeddings=c.get("tie_word_embeddings", False))
+    act = c.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"activation {act!r} is not supported: only gelu_new (GELU, tanh approximation)")
+    if kind == "gpt2" and (c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True)):
+        raise ValueError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+    if kind == "gpt2":
+        return GPTConfig(block_size=c.get("n_positions", 1024), vocab_size=c.get("vocab_size", 50257),
+                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], n_inner=c.get("n_inner"),
+                         norm_eps=c.get("layer_norm_epsilon", 1e-5), tie_embeddings=c.get("tie_word_embeddings", True))
+    layers = c.get("attention_layers") or [t for types, n in c["attention_types"] for _ in range(n) for t in types]
+    return GPTConfig(  # GPT-Neo: GPT-2 with separate bias-free q, k, v, local layers, and no attention scaling
+        block_size=c.get("max_position_embeddings", 2048), vocab_size=c.get("vocab_size", 50257),
+        n_layer=c["num_layers"], n_head=c["num_heads"], n_embd=c["hidden_size"], n_inner=c.get("intermediate_size"),
+        qkv_bias=False, fused_qkv=False, norm_eps=c.get("layer_norm_epsilon", 1e-5),
+        # a local layer's query sees itself and the window_size - 1 positions before it
+        window=tuple(c.get("window_size", 256) if t == "local" else 0 for t in layers),
+        # Mesh-TensorFlow's GPT-Neo never divided q.k by sqrt(head_dim); its weights were trained that way
+        attn_scale=1.0, tie_embeddings=c.get("tie_word_embeddings", True))
+
+
+def gpt2_config(config):
+    """config.json of a from-scratch model: it is a GPT-2 unless its fields say otherwise."""
+    if GPTConfig(**{k: getattr(config, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner",
+                                                     "norm_eps")}) != config:
+        raise ValueError("save_pretrained: a model built from scratch is written as a GPT-2, and this config is not one")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_inner": config.n_inner, "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": True, "bos_token_id": None,
+            "eos_token_id": None}
+
+
+def resolve(name_or_path):
+    """A local folder, or the folder of a Hub download (config, generation config and safetensors only)."""
+    if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise ValueError(f"{name_or_path} has no config.json: not a transformers checkpoint folder")
+        return name_or_path
+    try:  # without network this fails in about a second (no retries), or serves the local cache
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name_or_path, allow_patterns=["config.json", "generation_config.json",
+                                                              "*.safetensors", "model.safetensors.index.json"])
+    except Exception as e:  # noqa: BLE001 (offline, unknown id, gated repo, invalid name: all one answer)
+        raise ValueError(f"cannot download {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}); "
+                         f"pass a local folder with config.json and *.safetensors instead") from None
