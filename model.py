@@ -60,14 +60,17 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__(in_features, out_features, bias=bias)
-        self.lora_A = self.lora_B = None
+        self.lora_A = self.lora_B = self.lora_A0 = self.lora_B0 = None
         self.scale, self.merged, self.adapters_on = 0.0, False, True
 
     def add_lora(self, rank, alpha, A=None, B=None):
+        self.lora_A0 = self.lora_B0 = None  # a start other than B = 0 (FILA's) is kept: adapters_off() restores it
         if A is None:  # the usual LoRA start: A random, B zero
             A = torch.empty(rank, self.in_features, device=self.weight.device)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             B = torch.zeros(self.out_features, rank, device=self.weight.device)
+        else:
+            self.lora_A0, self.lora_B0 = A.detach().to(self.weight).clone(), B.detach().to(self.weight).clone()
         self.lora_A, self.lora_B = nn.Parameter(A.to(self.weight)), nn.Parameter(B.to(self.weight))
         self.scale, self.merged = alpha / rank, False
 
@@ -87,7 +90,7 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def remove_lora(self):  # drop the adapter (merge() first to keep what it learned)
-        self.lora_A = self.lora_B = None
+        self.lora_A = self.lora_B = self.lora_A0 = self.lora_B0 = None
         self.scale, self.merged = 0.0, False
 
     def merged_weight(self):
@@ -98,10 +101,16 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        # the adapter's term is added when it is on and not in W yet, subtracted when it is off but in W
-        if self.lora_A is not None and self.merged != self.adapters_on:
+        if self.lora_A is None:
+            return y
+        # on: W + s·B·A, its term added unless merged into W already. Off: the layer as it was when the adapter
+        # was added, W + s·B0·A0 (B0 = 0 for plain LoRA; FILA's start, which moved W by -s·B0·A0): so that
+        # adapters_off() is the θ0 of every adapter run, without a second copy of the weights
+        if self.merged != self.adapters_on:
             sign = 1.0 if self.adapters_on else -1.0
             y = y + sign * self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        if not self.adapters_on and self.lora_A0 is not None:
+            y = y + self.scale * F.linear(F.linear(x, self.lora_A0), self.lora_B0)
         return y
 
 
@@ -297,8 +306,9 @@ class GPT(nn.Module):
 
     @contextmanager
     def adapters_off(self):
-        """Within it, every LoRA adapter and every Block.adapter is skipped (merged ones are taken back out):
-        the base model, e.g. the frozen θ0 reference of an adapter run, without a second copy of the weights."""
+        """Within it, every LoRA adapter and every Block.adapter is off (merged ones are taken back out, FILA's
+        start restored): the model as it was before its adapters, i.e. the frozen θ0 reference of an adapter
+        run, without a second copy of the weights."""
         mods = self.lora_layers() + list(self.transformer.h)
         before = [m.adapters_on for m in mods]
         for m in mods:

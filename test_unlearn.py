@@ -802,24 +802,58 @@ def test_fila_leaves_the_function_unchanged_at_step_0(tiny):
     assert [p.requires_grad for p in model.parameters()].count(True) == 2 * len(layers)  # only A and B train
 
 
-def test_target_from_gpt2_weights(tiny, tmp_path):
-    """--init_from a local transformers GPT-2 (the offline stand-in for 'gpt2'): the target starts from those
-    weights, restricted to the dataset's tokens, is fine-tuned, cached, and reused."""
+def bpe_checkpoint(folder, family):
+    """A random-init transformers model of `family` and a small byte-level BPE tokenizer trained on people
+    records, saved to `folder`: the offline stand-in for a hub checkpoint (gpt2, a Llama...)."""
     transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+    sys.path.insert(0, os.path.join(unlearn.ROOT, "data", "people"))
+    import random
+    import prepare as people
+    rng = random.Random(0)
+    texts = ["".join(t for t, _ in people.person(rng, f"{f} {l}")) for f in people.FIRST for l in people.LAST]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                               bos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2,
-                                                              vocab_size=50257))
-    hf.save_pretrained(tmp_path / "gpt2")
-    cfg = unlearn.parse_args(tiny["argv"] + ["--init_from", str(tmp_path / "gpt2"), "--train_epochs=1",
-                                             "--out_dir", str(tmp_path / "out")])
-    os.makedirs(cfg.out_dir)
-    meta, data = tiny["meta"], tiny["data"]
-    model = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
-    assert model.config.vocab_size == len(meta["vocab"]) and model.config.n_embd == 32
-    eot = meta["vocab"].index(50256)  # the dataset's id of GPT-2's <|endoftext|>: its embedding came along
-    assert not torch.equal(model.transformer.wte.weight[eot], hf.transformer.wte.weight[50256])  # fine-tuned
-    again = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          rope_theta=5000.0, tie_word_embeddings=False, eos_token_id=0, bos_token_id=0)
+        hf = transformers.LlamaForCausalLM(config)
+    else:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                                                  vocab_size=len(tok), eos_token_id=0, bos_token_id=0))
+    hf.save_pretrained(folder)
+    return tok
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ih_flora_from_a_checkpoint_folder(tmp_path, family):
+    """--init_from a transformers folder: data tokenized with its own tokenizer (full vocabulary), the target
+    fine-tuned from it, unlearned, and <out_dir>/ih_flora/model/ loadable by transformers with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    ckpt = tmp_path / "ckpt"
+    tok = bpe_checkpoint(ckpt, family)
+    tag = unlearn.common.load(str(ckpt)).tag
+    subprocess.run([sys.executable, os.path.join(unlearn.ROOT, "data", "people", "prepare.py"), "--tokenizer", str(ckpt),
+                    "--n_forget", "4", "--n_retain", "60", "--n_holdout", "8", "--out_dir",
+                    str(tmp_path / "data" / "people" / tag)], check=True, capture_output=True)
+    out = tmp_path / "out"
+    unlearn.main(["--init_from", str(ckpt), "--data_dir", str(tmp_path / "data"), "--out_dir", str(out),
+                  "--train_epochs=2", "--train_lr=1e-3", "--epochs=2", "--eval_n=4", "--rank=2", "--device=cpu"])
+    res = __import__("json").load(open(out / "ih_flora" / "results.json"))
+    assert res["model_dir"] == str(out / "ih_flora" / "model") and res["steps"] > 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "ih_flora" / "model").eval()
+    ours = GPT.from_pretrained(str(out / "ih_flora" / "model")).eval()
+    assert ours.config.vocab_size == len(tok)  # the checkpoint's full vocabulary, not the data's
+    x = torch.tensor([tok.encode("Ada Berg was born on")])
+    with torch.no_grad():
+        assert torch.allclose(ours.lm_head(ours(x)), hf(x).logits, atol=1e-4)
+        assert not torch.allclose(hf(x).logits, transformers.AutoModelForCausalLM.from_pretrained(ckpt)(x).logits, atol=1e-3)
+    assert transformers.AutoTokenizer.from_pretrained(out / "ih_flora" / "model").encode("Ada Berg") == tok.encode("Ada Berg")
 
 
 def test_same_command_same_numbers(tiny):

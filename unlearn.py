@@ -319,6 +319,7 @@ def load_or_train(cfg, meta, data, name, splits):
             ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
             model = GPT(GPTConfig(**ckpt["model_args"])).to(cfg.device)
             model.load_state_dict(ckpt["model"])
+            model.hf_config = json.loads(ckpt.get("hf_config", "null"))
         except Exception as e:  # corrupted, or from another version of this code
             raise UserError(f"cannot read {path} ({type(e).__name__}); delete it to train again")
         if ckpt.get("fingerprint") == fp:
@@ -335,7 +336,7 @@ def load_or_train(cfg, meta, data, name, splits):
     events = train(model, cat(*train_on), data.get("holdout"), cfg, name, watch=data["forget"] if name == "target" else None)
     tmp = path + ".tmp"  # written whole, then renamed: never a half-written checkpoint
     torch.save({"model_args": asdict(model.config), "model": model.state_dict(), "fingerprint": fp,
-                "events": events}, tmp)
+                "events": events, "hf_config": json.dumps(model.hf_config)}, tmp)
     os.replace(tmp, path)
     return model, events
 
@@ -1050,7 +1051,7 @@ def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
     model.requires_grad_(False)
     for b, layer in zip(blocks, layers):
         b.adapter = layer
-    result = unlearn(model, target, [loss_eul_forget, loss_eul_retain], forget, retain, cfg, thresholds,
+    result = unlearn(model, Frozen(model), [loss_eul_forget, loss_eul_retain], forget, retain, cfg, thresholds,
                      cfg.eul_lr, cfg.epochs, "eul")
     g = grams(model, layers, forget)
     requests.append([{k: (getattr(l, k).weight.detach().clone(), g[getattr(l, k)]) for k in ("down", "up")}
@@ -1232,8 +1233,20 @@ def unlearn_rum(model, target, forget, retain, cfg, thresholds, data):
 # running a method, the report, main()
 
 
+class Frozen:
+    """θ0 for an adapter run: the same model with its adapters off (model.adapters_off), not a second copy."""
+
+    def __init__(self, model):
+        self.model, self.lm_head = model, model.lm_head
+
+    def __call__(self, x):
+        with torch.no_grad(), self.model.adapters_off():
+            return self.model(x)
+
+
 def apply_method(method, model, target, forget, retain, data, cfg, thresholds, eul_requests):
-    """Unlearn `forget` from `model` in place with one method; returns unlearn()'s dict."""
+    """Unlearn `forget` from `model` in place with one method; returns unlearn()'s dict. `target` is θ0 for
+    the full-weight methods; adapter methods (LoRA, FILA, EUL) use `model` itself with its adapters off."""
     if method == "icu":
         return unlearn_icu(model, target, forget, retain, cfg, thresholds)
     if method == "eul":
@@ -1243,7 +1256,7 @@ def apply_method(method, model, target, forget, retain, data, cfg, thresholds, e
     loss, _, adapter = method.partition("_")  # "ih_flora" -> inverted hinge on a FILA-initialised LoRA
     if adapter:
         add_adapters(model, adapter, forget, retain, cfg)
-    result = unlearn(model, target, [LOSS_FNS[loss]], forget, retain, cfg, thresholds,
+    result = unlearn(model, Frozen(model) if adapter else target, [LOSS_FNS[loss]], forget, retain, cfg, thresholds,
                      cfg.lora_lr if adapter else cfg.lr, cfg.epochs, method)
     merge_adapters(model)
     return result
@@ -1253,7 +1266,9 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
     """One method on a fresh copy of the target model, the forget set split into cfg.requests sequential
     deletion requests (EUL: one unlearning layer per request, fused after each); evaluate, return results."""
     torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(target)
+    # adapter methods keep θ0 inside the model (adapters off): a single such run may unlearn the target itself
+    in_place = method.endswith("lora") or method == "eul"
+    model = target if in_place and cfg.method != "all" and cfg.seeds == 1 else copy.deepcopy(target)
     forget, retain = data["forget"], data["retain"]
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
