@@ -628,13 +628,18 @@ def bleu(reference, candidate):
         return float(sentence_bleu([words(reference)], words(candidate)))
 
 
-def bertscore_f1(candidates, references, model_type="bert-base-uncased"):
-    """BERTScore F1 (bert_score.score, ICU's utils.py line 81, its defaults), or None where the package or
-    the model's weights are not on this machine: it is never downloaded."""
+def have_bertscore(model_type="bert-base-uncased"):
+    """Are the bert_score package and the model's weights on this machine? They are never downloaded."""
     if importlib.util.find_spec("bert_score") is None or importlib.util.find_spec("huggingface_hub") is None:
-        return None
+        return False
     from huggingface_hub import try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(model_type, "config.json"), str):
+    return isinstance(try_to_load_from_cache(model_type, "config.json"), str)
+
+
+def bertscore_f1(candidates, references, model_type="bert-base-uncased"):
+    """BERTScore F1 per pair (bert_score.score with its defaults, as ICU's utils.py line 81 calls it), or None
+    where it is not available offline (have_bertscore)."""
+    if not have_bertscore(model_type):
         return None
     from bert_score import score
     return score(candidates, references, model_type=model_type)[2]
@@ -670,9 +675,10 @@ def continuation(model, prompts, n_new, beams=2):
 def icu_cuts(split, suffix_len=50):
     """Where each row's prefix ends and its suffix begins. A row with secrets (people): at its first secret,
     so the prefix is the record up to the phone number and the suffix the rest of the record, secrets and
-    the words between them (~40 tokens; the prompt is the whole record start, shorter than 50). Without
-    secrets: suffix_len tokens before the record's end (TDEC's 200-token samples: prefix tokens 100-149,
-    suffix 150-199, as ICU's Datasets_mean.py lines 44-49 cut them). Rows are <eot> record <eot>."""
+    the words between them (34-42 tokens on the default data; the prompt, 22-26 tokens, is the whole record
+    start). Without secrets: suffix_len tokens before the record's end (TDEC's 200-token samples: prefix
+    tokens 100-149, suffix 150-199, as ICU's Datasets_mean.py lines 44-49 cut them). Rows are
+    <eot> record <eot>."""
     ends = (split.lengths - 1).tolist()  # the closing <eot> belongs to neither
     return [min(s for s, _ in spans) if spans else max(1, e - suffix_len) for spans, e in zip(split.secrets, ends)]
 
@@ -716,7 +722,7 @@ def unlearn_icu(model, target, forget, retain, cfg, thresholds):
     test (forgotten: BLEU of the 2-beam continuation of its prefix against its true suffix < 0.01; BERTScore
     where available) takes the forgotten samples out of the batches, with their analogues."""
     pairs, decode = analogues(target, forget, retain), record_decoder(cfg)
-    ran = "BLEU < 0.01" + (" or BERTScore F1 < 0.3" if bertscore_f1(["a"], ["a"]) is not None else
+    ran = "BLEU < 0.01" + (" or BERTScore F1 < 0.3" if have_bertscore() else
                            " (BERTScore not run: bert_score or bert-base-uncased is not on this machine)")
     print(f"icu: per-sample test: {ran}")
     res = unlearn(model, target, [loss_icu], forget, retain, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
@@ -972,6 +978,7 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle_losses):
                peak_mem_mb=peak / 2**20 if peak else None, after=after)
     if method == "icu":
         out["forgotten_at_epoch"] = forgotten_at
+        out["forgotten_test"] = res["forgotten_test"]  # which of ICU's tests ran: BLEU, and BERTScore where available
     if method == "rum":
         out["rum"] = {k: res[k] for k in ("proxy", "thirds")}
     if per_request:
