@@ -540,7 +540,7 @@ def test_icu_drops_refined_samples(tiny):
     rows = forget.rows.tolist()
     assert sorted(seen[0]) == sorted(rows[1:])                   # epoch 1: all but the one forgotten before
     assert sorted(seen[1]) == sorted(rows[4:])                   # epoch 2: the refined samples are gone
-    assert res["forgotten_at"] == [0, 1, 1, 1, 2, 2, 2, 2] and res["stopped_by"] == "threshold"
+    assert res["forgotten_at"] == [0, 1, 1, 1, 2, 2, 2, 2] and res["stopped_by"] == "forgotten"
     assert pairs.shape == (len(forget),) and int(pairs.max()) < len(data["retain"])
 
 

@@ -536,7 +536,8 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
     pairs: the retain row paired with each forget row (ICU's analogues); default as many random retain rows.
     refine: a per-sample test, model -> bool [len(forget)] (True: forgotten), run before the first epoch and
     after each (ICU): forgotten samples leave the batches with their analogues; every sample is re-checked,
-    so one that comes back re-enters. Returns a dict: stopped_by ("threshold" or "budget"), steps, tokens,
+    so one that comes back re-enters. Returns a dict: stopped_by ("threshold", "budget", or "forgotten": no
+    sample left to unlearn), steps, tokens,
     trainable_params, and forgotten_at (ICU: the first epoch each sample was forgotten, 0 = before any).
     A non-finite loss stops everything with the weights of the last epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -552,7 +553,7 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
         active = (~gone).nonzero().flatten().cpu()
         print(f"{name}: before unlearning | forgotten {int(gone.sum())} of {len(forget)}")
         if len(active) == 0:
-            return dict(stopped_by="threshold", steps=0, tokens=0, trainable_params=sum(p.numel() for p in params),
+            return dict(stopped_by="forgotten", steps=0, tokens=0, trainable_params=sum(p.numel() for p in params),
                         forgotten_at=forgotten_at)
     for epoch in range(1, epochs + 1):
         good = [p.detach().clone() for p in params]
@@ -584,10 +585,11 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
         ma, el, done = forget_check(model, forget, thresholds, cfg)
         print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el:.4f} "
               + (f"| active {len(active)} " if refine is not None else "") + f"| {time.time() - t0:.1f}s")
-        done = done or len(active) == 0
-        if done:
+        if done or len(active) == 0:
             break
-    return dict(stopped_by="threshold" if done else "budget", steps=steps, tokens=tokens,
+    # "forgotten": ICU's own rule, every sample passes the per-sample test (their code: unlearn_cnt < 1)
+    stopped_by = "threshold" if done else "forgotten" if len(active) == 0 else "budget"
+    return dict(stopped_by=stopped_by, steps=steps, tokens=tokens,
                 trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine is not None else None)
 
 
