@@ -711,31 +711,128 @@ def test_bad_input_cuda_without_gpu(tiny, capsys):
 
 
 # ---- the other seeds' pieces, on cases with known answers -------------------------------------------------
-def test_icu_drops_refined_samples(tiny, monkeypatch):
-    """After an epoch, the samples the check calls forgotten (with their analogues) leave the batches."""
+def test_icu_drops_refined_samples(tiny):
+    """Before the first epoch and after each, the samples the check calls forgotten (with their analogues)
+    leave the batches."""
     cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
     forget = data["forget"]
-    seen = []
+    seen, calls = [], []
 
     def recording_loss(model, ref, f, a, cfg):
         seen[-1].extend(f.rows.tolist())
         return unlearn.loss_icu(model, ref, f, a, cfg)
 
-    def check(model, split, thresholds, cfg):  # epoch 1 forgets samples 0-3, epoch 2 the rest
+    def check(model):  # before unlearning sample 0 is forgotten already, after epoch 1 samples 0-3, after 2 all
+        calls.append(None)
         seen.append([])
-        return torch.arange(len(split)) < (4 if len(seen) == 2 else 8)
+        return torch.arange(len(forget)) < {1: 1, 2: 4}.get(len(calls), 8)
 
-    seen.append([])
-    monkeypatch.setattr(unlearn, "forgotten", check)
     model = __import__("copy").deepcopy(target)
     pairs = unlearn.analogues(target, forget, data["retain"])
     res = unlearn.unlearn(model, target, [recording_loss], forget, data["retain"], cfg,
-                          {"ma": -1.0, "el10": -1.0}, 1e-4, 5, "icu", pairs=pairs, refine=True)
+                          {"ma": -1.0, "el10": -1.0}, 1e-4, 5, "icu", pairs=pairs, refine=check)
     rows = forget.rows.tolist()
-    assert sorted(seen[0]) == sorted(rows)                       # epoch 1: everyone
+    assert sorted(seen[0]) == sorted(rows[1:])                   # epoch 1: all but the one forgotten before
     assert sorted(seen[1]) == sorted(rows[4:])                   # epoch 2: the refined samples are gone
-    assert res["forgotten_at"] == [1, 1, 1, 1, 2, 2, 2, 2] and res["stopped_by"] == "threshold"
+    assert res["forgotten_at"] == [0, 1, 1, 1, 2, 2, 2, 2] and res["stopped_by"] == "forgotten"
     assert pairs.shape == (len(forget),) and int(pairs.max()) < len(data["retain"])
+
+
+def test_bleu_by_hand():
+    """ICU's BLEU (nltk's sentence_bleu: 1-4-grams weighted 1/4, brevity penalty, no smoothing, lowercased
+    Treebank words), against values worked out by hand."""
+    assert unlearn.bleu("The cat sat on the mat.", "the cat sat on the mat .") == pytest.approx(1.0)
+    # candidate 5 words, reference 6: p1..p4 = 4/5, 3/4, 2/3, 1/2; brevity penalty exp(1 - 6/5)
+    expect = np.exp(1 - 6 / 5) * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert unlearn.bleu("a b c d e f", "a b c d x") == pytest.approx(expect)
+    assert unlearn.bleu("a b c d", "a b c x") < 1e-10             # no common 4-gram: ~0 without smoothing
+    assert unlearn.bleu("a b c d", "") == 0.0
+
+
+def test_icu_forgotten_test_by_hand():
+    """ICU's per-sample test: the prompt is the record up to its first secret, the reference the rest of the
+    record (not the closing <eot>), the continuation as long as the reference; forgotten when BLEU < 0.01."""
+    row = [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]  # <eot> record <eot>, the secret at tokens 4-5
+    split = hand_split([row, row], [10, 10], [[[4, 6]], []])  # the second row: no secret
+    decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    assert unlearn.icu_cuts(split, suffix_len=3) == [4, 6]      # no secret: suffix_len before the record's end
+    gone, bleu, f1 = unlearn.forgotten(Oracle(row), split, decode, beams=1)  # a parrot remembers everything
+    assert bleu.tolist() == [1.0, 1.0] and not gone.any() and f1 is None  # no BERTScore on this machine
+    # right but for the last suffix token: p1..p4 = 4/5, 3/4, 2/3, 1/2, BLEU 0.2^(1/4), still remembered
+    gone, bleu, _ = unlearn.forgotten(Oracle(row[:8] + [9, 0]), split.take([0]), decode, beams=1)
+    assert bleu.item() == pytest.approx(0.2 ** 0.25) and not gone.any()
+    gone, bleu, _ = unlearn.forgotten(Oracle([0] * 10), split, decode, beams=1)  # says nothing of the record
+    assert gone.all() and bleu.max() < 0.01
+    # prefix_len / suffix_len (TDEC's 50 / 50): a 2-token prompt before the cut, 3 tokens generated after it
+    asked = []
+    parrot = Oracle(row)
+    parrot.generate = lambda idx, n: asked.append((idx.tolist(), n)) or Oracle.generate(parrot, idx, n)
+    gone, bleu, _ = unlearn.forgotten(parrot, split.take([1]), decode, prefix_len=2, suffix_len=3, beams=1)
+    assert asked == [([[4, 5]], 3)]
+    assert bleu.item() == 0.0 and gone.all()  # 3 words: no 4-gram at all, BLEU 0
+
+
+def test_beam_continuation_matches_a_plain_beam_search():
+    """2-beam continuation on the KV cache (beams reordered) against a beam search that recomputes every
+    sequence from scratch; one beam is greedy decoding."""
+    torch.manual_seed(3)
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=7, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # varied next-token distributions, so that beams and greedy part ways (2 of 6 rows)
+    prompts = torch.randint(7, (6, 3))
+    assert torch.equal(unlearn.continuation(model, prompts, 5, beams=1), model.generate(prompts, 5)[:, 3:])
+    got = unlearn.continuation(model, prompts, 5, beams=2)
+    for p, g in zip(prompts, got):
+        beams = [(0.0, p.tolist())]
+        for _ in range(5):
+            grown = []
+            for score, seq in beams:
+                with torch.no_grad():
+                    logp = model.lm_head(model(torch.tensor([seq]))[0, -1]).log_softmax(-1)
+                grown += [(score + logp[v].item(), seq + [v]) for v in range(7)]
+            beams = sorted(grown, key=lambda b: -b[0])[:2]
+        assert g.tolist() == beams[0][1][3:]
+    assert not torch.equal(got, unlearn.continuation(model, prompts, 5, beams=1))  # the test tells them apart
+
+
+def test_full_batch_is_one_update_an_epoch(tiny):
+    """Jang et al.'s setting: --batch_size at least the forget set takes one full-batch update an epoch, then
+    the check; smaller batches take several. The rule compares strictly (<), as their code does."""
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    never = {"ma": -1.0, "el10": -1.0}
+    for batch_size, steps in ((len(data["forget"]), 3), (100, 3), (3, 9)):
+        model = __import__("copy").deepcopy(target)
+        c = __import__("dataclasses").replace(cfg, batch_size=batch_size)
+        res = unlearn.unlearn(model, target, [unlearn.loss_ga], data["forget"], data["retain"], c, never, 1e-4, 3)
+        assert res["steps"] == steps and res["stopped_by"] == "budget"
+    ma = unlearn.split_stats(target, data["forget"])["ma"]
+    assert not unlearn.forget_check(target, data["forget"], {"ma": ma, "el10": 2.0}, cfg)[2]  # equal: not below
+    assert unlearn.forget_check(target, data["forget"], {"ma": ma + 1e-6, "el10": 2.0}, cfg)[2]
+
+
+def test_fila_official_importance_by_hand(monkeypatch):
+    """FILA as its code has it: I = F_f / (1e-5 + F_r), raw row weights w = sqrt(Σ_j I), B's rows over w + 1e-5.
+    Here the absolute ε decides which row the rank-1 adapter takes, where the normalised variant picks the other."""
+    layer = __import__("model").LoRALinear(2, 2, bias=False)
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.2]])
+    F_f = torch.tensor([[1e-5, 0.0], [1e-5, 0.0]])
+    F_r = torch.tensor([[1e-8, 1e-8], [1e-6, 1e-6]])
+    monkeypatch.setattr(unlearn, "fisher", lambda model, split, layers: ({layer: F_f if split == "f" else F_r}, None))
+    model = type("M", (), {"lora_layers": lambda self: [layer]})()
+    deltas = {}
+    for kind in ("official", "normalised"):
+        layer.weight.data, layer.lora_A = W.clone(), None
+        unlearn.fila_init(model, "f", "r", unlearn.Config(rank=1, fila=kind))
+        deltas[kind] = layer.delta().detach()
+        assert torch.allclose(layer.weight + deltas[kind], W, atol=1e-6)  # the function is unchanged
+    # official: w = sqrt(1e-5 / (1e-5 + 1e-8)) and sqrt(1e-5 / (1e-5 + 1e-6)): row 1 wins (1.2·w1 > w0);
+    # the adapter is s·B·A = diag(1/(w + 1e-5))·(rank-1 part of diag(w)·W) = e1·1.2·w1/(w1 + 1e-5)·e1ᵀ
+    w1 = (1e-5 / (1e-5 + 1e-6)) ** 0.5
+    assert torch.allclose(deltas["official"], torch.tensor([[0.0, 0.0], [0.0, 1.2 * w1 / (w1 + 1e-5)]]), atol=1e-6)
+    # normalised (ε = 1e-6·mean F_r): w ∝ sqrt(1e-5/1e-8), sqrt(1e-5/1e-6) = 31.6, 3.16: row 0 wins
+    assert torch.allclose(deltas["normalised"], torch.tensor([[1.0, 0.0], [0.0, 0.0]]), atol=1e-5)
 
 
 def test_eul_fusion_is_the_closed_form():

@@ -76,6 +76,7 @@ class Config:
     lora_lr: float = 1e-2      # adapter methods (_lora, _flora)
     eul_lr: float = 1e-2       # EUL's layers (more steps than LoRA: at the identity start its KL terms have zero gradient)
     rank: int = 8              # LoRA rank r; alpha = 2r (design notes)
+    fila: str = "normalised"   # FILA's init: "official" (its code: ε = 1e-5, raw row weights) or "normalised" (README)
     npo_beta: float = 0.1      # NPO's β
     el_n: int = 10             # n of EL_n
     proxy: str = "confidence"  # rum: the memorization proxy, one of PROXIES
@@ -99,6 +100,8 @@ def parse_args(argv=None):
                            metavar="METHOD", help="one of: " + ", ".join(METHODS + ("all",)))
         elif f.name == "proxy":
             p.add_argument("--proxy", default=f.default, choices=tuple(PROXIES), help=helps.get(f.name))
+        elif f.name == "fila":
+            p.add_argument("--fila", default=f.default, choices=("official", "normalised"), help=helps.get(f.name))
         else:
             p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=helps.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
@@ -841,23 +844,36 @@ def fisher(model, split, layers, batch_size=32, diag=True):
 
 @torch.no_grad()
 def fila_init(model, forget, retain, cfg):
-    """FILA: LoRA that starts in the directions that matter for the forget set, the function unchanged.
+    """FILA (Cha et al., ICLR 2025, Sec. 3.2, Eq. 5-6): LoRA that starts in the directions that matter for the
+    forget set, the function unchanged.
         I = F_f / (F_r + ε),  w_i = sqrt(Σ_j I_ij),  U S Vᵀ = rank-r SVD of diag(w)·W,  s = α/r,
         B = diag(1/w)·U·sqrt(S/s),  A = sqrt(S/s)·Vᵀ,  and the frozen base becomes W - s·B·A.
-    Choices the paper leaves open: ε = 1e-6·mean(F_r) (scale-free), w normalised to mean 1 and floored at
-    1e-3 (so the A/B balance does not depend on the loss scale, and 1/w stays finite)."""
+    cfg.fila = "official" is their code (csm9493/efficient-llm-unlearning, TOFU/forget.py lines 253-287):
+    ε = 1e-5 absolute, raw w, B's rows divided by w + 1e-5. "normalised": ε = 1e-6·mean(F_r) and w scaled
+    to mean 1, floored at 1e-3, so the A/B balance (and the effective step of Adam on B·A) does not depend
+    on the scale of F (README: measured on this testbed).
+    Departures from their code, kept on purpose: F from exact per-sample squared gradients, averaged over
+    samples (theirs: squared mini-batch gradients weighted by token counts, averaged over tokens,
+    measure_importance.py lines 224-257; the per-sample Fisher is the one the paper defines, and the kernel
+    makes it cheap), F_r over the whole retain set (theirs: one random retain sample per forget sample),
+    an exact SVD (theirs: torch.svd_lowrank, randomized), and GPT-2's fused q|k|v linear gets one rank-r
+    adapter (theirs, on Llama/Phi: q, k, v separately)."""
     layers = model.lora_layers()
     F_f, _ = fisher(model, forget, layers)
     F_r, _ = fisher(model, retain, layers)
     r, alpha = cfg.rank, 2 * cfg.rank
     s = alpha / r
     for m in layers:
-        imp = F_f[m] / (F_r[m] + 1e-6 * F_r[m].mean())
-        w = imp.sum(1).sqrt()
-        w = (w / w.mean()).clamp_min(1e-3)
+        if cfg.fila == "official":
+            w = (F_f[m] / (1e-5 + F_r[m])).sum(1).sqrt()
+            inv_w = 1 / (w + 1e-5)
+        else:
+            w = (F_f[m] / (F_r[m] + 1e-6 * F_r[m].mean())).sum(1).sqrt()
+            w = (w / w.mean()).clamp_min(1e-3)
+            inv_w = 1 / w
         U, S, Vh = torch.linalg.svd(w[:, None] * m.weight.float(), full_matrices=False)
         root = (S[:r] / s).sqrt()
-        B, A = U[:, :r] * root / w[:, None], root[:, None] * Vh[:r]
+        B, A = U[:, :r] * root * inv_w[:, None], root[:, None] * Vh[:r]
         m.weight -= (s * B @ A).to(m.weight.dtype)
         m.add_lora(r, alpha, A, B)
 
@@ -885,46 +901,53 @@ def merge_adapters(model):
 
 
 def forget_check(model, forget, thresholds, cfg):
-    """Forget MA and EL_n, and whether both are at or below the holdout's (EL only when MA is: it is costly)."""
+    """Forget MA and EL_n, and whether both are below the holdout's: Jang et al.'s stopping rule with their
+    strict comparison (joeljang/knowledge-unlearning, models/Neo_Model.py line 647:
+    `ma < ma_threshold and el < el_threshold`). EL only when MA passes: generation is the costly part."""
     ma = split_stats(model, forget)["ma"]
     if thresholds is None:  # a fixed budget (TOFU's protocol)
         return ma, float("nan"), False
-    el = extraction(model, forget, cfg.el_n)[0].mean().item() if ma <= thresholds["ma"] else float("nan")
-    return ma, el, ma <= thresholds["ma"] and el <= thresholds["el10"]
+    el = extraction(model, forget, cfg.el_n)[0].mean().item() if ma < thresholds["ma"] else float("nan")
+    return ma, el, ma < thresholds["ma"] and el < thresholds["el10"]
 
 
-def forgotten(model, forget, thresholds, cfg):
-    """Per sample: are its own MA and EL_n at or below the holdout level? (ICU's refinement test.)"""
-    gone = split_stats(model, forget)["ma_per"] <= thresholds["ma"]
-    idx = gone.nonzero().flatten()
-    if len(idx):  # EL only where MA already is (generation is the costly part)
-        gone[idx] = extraction(model, forget.take(idx.cpu()), cfg.el_n)[0] <= thresholds["el10"]
-    return gone
-
-
-def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=False):
+def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=None):
     """Minimize the loss on (forget batch, retain batch) pairs, an epoch being one pass over the forget set,
-    until forget MA and EL_10 are both at or below the holdout's (Jang et al.), or the epoch budget ends.
+    until forget MA and EL_10 are both below the holdout's (Jang et al.), or the epoch budget ends.
 
+    --batch_size at least the forget set's size is Jang et al.'s setting: one full-batch update an epoch, then
+    the check (their README line 51: the effective batch must equal the forget set), with their Adam betas
+    (0.9, 0.98) (models/Neo_Model.py, configure_optimizers); smaller batches take several steps an epoch.
     loss_fns: the loss of each epoch, cycled (EUL alternates a retain and a forget epoch; most have one).
-    pairs: the retain row paired with each forget row (ICU's analogues); default a random retain batch.
-    refine: after every epoch drop the samples already forgotten, with their analogues (ICU); every sample
-    is re-checked, so one that comes back re-enters. Returns a dict: stopped_by ("threshold" or "budget"),
-    steps, tokens, trainable_params, and forgotten_at (ICU: the first epoch each sample was forgotten).
+    pairs: the retain row paired with each forget row (ICU's analogues); default as many random retain rows.
+    refine: a per-sample test, model -> bool [len(forget)] (True: forgotten), run before the first epoch and
+    after each (ICU): forgotten samples leave the batches with their analogues; every sample is re-checked,
+    so one that comes back re-enters. Returns a dict: stopped_by ("threshold", "budget", or "forgotten": no
+    sample left to unlearn), steps, tokens,
+    trainable_params, and forgotten_at (ICU: the first epoch each sample was forgotten, 0 = before any).
     A non-finite loss stops everything with the weights of the last epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    full_batch = cfg.batch_size >= len(forget)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **(dict(betas=(0.9, 0.98)) if full_batch else {}))
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = tokens = 0
     active, forgotten_at = torch.arange(len(forget)), [None] * len(forget)
     t0 = time.time()
+    if refine is not None:  # ICU's code checks every sample before the first epoch too (val(0, ...))
+        gone = refine(model)
+        forgotten_at = [0 if g else None for g in gone.tolist()]
+        active = (~gone).nonzero().flatten().cpu()
+        print(f"{name}: before unlearning | forgotten {int(gone.sum())} of {len(forget)}")
+        if len(active) == 0:
+            return dict(stopped_by="forgotten", steps=0, tokens=0, trainable_params=sum(p.numel() for p in params),
+                        forgotten_at=forgotten_at)
     for epoch in range(1, epochs + 1):
         good = [p.detach().clone() for p in params]
         loss_fn = loss_fns[(epoch - 1) % len(loss_fns)]
         model.train()
         for fi in batches(len(active), cfg.batch_size, gen):
             fi = active[fi]
-            ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (cfg.batch_size,), generator=gen)
+            ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (len(fi),), generator=gen)
             f, r = forget.take(fi), retain.take(ri)
             loss = loss_fn(model, ref, f, r, cfg)
             loss.backward()
@@ -940,19 +963,20 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
             steps += 1
             tokens += int((f.y != -100).sum() + (r.y != -100).sum())
         model.eval()
-        if refine:
-            gone = forgotten(model, forget, thresholds, cfg)
+        if refine is not None:
+            gone = refine(model)
             for i in gone.nonzero().flatten().tolist():
-                forgotten_at[i] = forgotten_at[i] or epoch
+                forgotten_at[i] = epoch if forgotten_at[i] is None else forgotten_at[i]
             active = (~gone).nonzero().flatten().cpu()
         ma, el, done = forget_check(model, forget, thresholds, cfg)
         print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el:.4f} "
-              + (f"| active {len(active)} " if refine else "") + f"| {time.time() - t0:.1f}s")
-        done = done or len(active) == 0
-        if done:
+              + (f"| active {len(active)} " if refine is not None else "") + f"| {time.time() - t0:.1f}s")
+        if done or len(active) == 0:
             break
-    return dict(stopped_by="threshold" if done else "budget", steps=steps, tokens=tokens,
-                trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine else None)
+    # "forgotten": ICU's own rule, every sample passes the per-sample test (their code: unlearn_cnt < 1)
+    stopped_by = "threshold" if done else "forgotten" if len(active) == 0 else "budget"
+    return dict(stopped_by=stopped_by, steps=steps, tokens=tokens,
+                trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -975,12 +999,124 @@ def loss_icu(model, ref, f, a, cfg, alpha=0.5, beta=1.0):
     return -nll(model, f) + alpha * nll(model, a) + beta * kl_to_ref(model, ref, a)
 
 
+def bleu(reference, candidate):
+    """Sentence BLEU as ICU's code computes it (himalalps/ICU, train_neo_meanwhile_update.py lines 184-186):
+    nltk's sentence_bleu([ref], cand): 1- to 4-grams weighted 1/4, brevity penalty, no smoothing (a missing
+    n-gram order gives ~0), on nltk.word_tokenize of the lowercased texts. nltk is imported here only.
+    One departure: word_tokenize first splits sentences with punkt, whose data (punkt_tab) is a download;
+    here sentences are split after . ! ? and a space, then each goes through the same Treebank tokenizer."""
+    import warnings
+    from nltk.tokenize import word_tokenize
+    from nltk.translate.bleu_score import sentence_bleu
+
+    def words(text):
+        return [w for s in re.split(r"(?<=[.!?])\s+", text.lower()) for w in word_tokenize(s, preserve_line=True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns for every pair without a common 4-gram: the forgotten ones
+        return float(sentence_bleu([words(reference)], words(candidate)))
+
+
+def have_bertscore(model_type="bert-base-uncased"):
+    """Are the bert_score package and the model's weights on this machine? They are never downloaded."""
+    if importlib.util.find_spec("bert_score") is None or importlib.util.find_spec("huggingface_hub") is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(model_type, "config.json"), str)
+
+
+def bertscore_f1(candidates, references, model_type="bert-base-uncased"):
+    """BERTScore F1 per pair (bert_score.score with its defaults, as ICU's utils.py line 81 calls it), or None
+    where it is not available offline (have_bertscore)."""
+    if not have_bertscore(model_type):
+        return None
+    from bert_score import score
+    return score(candidates, references, model_type=model_type)[2]
+
+
+@torch.no_grad()
+def continuation(model, prompts, n_new, beams=2):
+    """The best of `beams` beams (highest sum of token log-probabilities) continuing each prompt [N, T] by
+    n_new tokens -> [N, n_new]; beams=1 is greedy decoding. On the KV cache, reordered as beams are chosen.
+    Departure from transformers' beam search (what ICU's code calls): <eot> does not end a beam early."""
+    if beams == 1:
+        return model.generate(prompts, n_new)[:, prompts.size(1):]
+    N = len(prompts)
+    caches = [[None, None] for _ in model.transformer.h]
+    h = model(prompts.repeat_interleave(beams, 0), caches)[:, -1]
+    score = torch.full((N, beams), float("-inf"), device=prompts.device)
+    score[:, 0] = 0.0  # the beams start as copies: only the first may expand, or the top-k would pick twins
+    out = prompts.new_empty(N * beams, 0)
+    for i in range(n_new):
+        logp = model.lm_head(h).float().log_softmax(-1)  # [N*beams, V]
+        V = logp.size(-1)
+        score, idx = (score.view(-1, 1) + logp).view(N, beams * V).topk(beams, dim=-1)  # sorted: beam 0 best
+        sel = (torch.arange(N, device=idx.device)[:, None] * beams + idx // V).flatten()
+        tok = (idx % V).view(-1, 1)
+        out = torch.cat([out[sel], tok], 1)
+        for c in caches:
+            c[0], c[1] = c[0][sel], c[1][sel]
+        if i < n_new - 1:
+            h = model(tok, caches)[:, -1]
+    return out.view(N, beams, -1)[:, 0]
+
+
+def icu_cuts(split, suffix_len=50):
+    """Where each row's prefix ends and its suffix begins. A row with secrets (people): at its first secret,
+    so the prefix is the record up to the phone number and the suffix the rest of the record, secrets and
+    the words between them (34-42 tokens on the default data; the prompt, 22-26 tokens, is the whole record
+    start). Without secrets: suffix_len tokens before the record's end (TDEC's 200-token samples: prefix
+    tokens 100-149, suffix 150-199, as ICU's Datasets_mean.py lines 44-49 cut them). Rows are
+    <eot> record <eot>."""
+    ends = (split.lengths - 1).tolist()  # the closing <eot> belongs to neither
+    return [min(s for s, _ in spans) if spans else max(1, e - suffix_len) for spans, e in zip(split.secrets, ends)]
+
+
+@torch.no_grad()
+def forgotten(model, split, decode, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01, min_f1=0.3):
+    """ICU's per-sample test (Tang et al. 2024, iterative unlearning refinement; their code:
+    train_neo_meanwhile_update.py lines 151-191): continue the sample's prefix (at most prefix_len tokens
+    before the cut, icu_cuts) with 2-beam search for as many tokens as its true suffix has (at most
+    suffix_len), and call it forgotten when BLEU(suffix, continuation) < 0.01 or BERTScore F1 < 0.3. The
+    continuation is cut at its first <eot> (what follows would be another record). BERTScore runs only where
+    bert_score and bert-base-uncased are on the machine (bertscore_f1). Returns (gone [N] bool, bleu [N],
+    f1 [N] or None)."""
+    cuts, ends = icu_cuts(split, suffix_len), (split.lengths - 1).tolist()
+    refs, cands = [None] * len(split), [None] * len(split)
+    for cut in sorted(set(cuts)):  # rows cut at the same place share one batched generation
+        rows = [i for i, c in enumerate(cuts) if c == cut]
+        n = [min(suffix_len, ends[i] - cut) for i in rows]
+        gen = continuation(model, split.rows[rows, max(0, cut - prefix_len):cut], max(n), beams).tolist()
+        for i, k, g in zip(rows, n, gen):
+            refs[i] = decode(split.rows[i, cut:cut + k].tolist())
+            cands[i] = decode(g[:k]).split("<|endoftext|>")[0]
+    scores = torch.tensor([bleu(r, c) for r, c in zip(refs, cands)])
+    gone = scores < max_bleu
+    f1 = bertscore_f1(cands, refs)
+    if f1 is not None:
+        gone |= f1.cpu() < min_f1
+    return gone.to(split.rows.device), scores, f1
+
+
+def record_decoder(cfg):
+    """Token ids of the dataset -> text, through meta.json's vocabulary (GPT-2 token ids) and GPT-2's BPE."""
+    with open(os.path.join(cfg.data_dir, cfg.dataset, "meta.json")) as f:
+        vocab = json.load(f)["vocab"]
+    enc = gpt2_encoding()
+    return lambda ids: enc.decode([vocab[i] for i in ids])
+
+
 def unlearn_icu(model, target, forget, retain, cfg, thresholds):
-    """ICU on all weights: analogue pairs, and after every epoch the forgotten samples (their own MA and
-    EL_10 at the holdout level, our stand-in for the paper's BERTScore/BLEU test) leave the batches."""
-    pairs = analogues(target, forget, retain)
-    return unlearn(model, target, [loss_icu], forget, retain, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
-                   pairs=pairs, refine=True)
+    """ICU on all weights: analogue pairs, and before the first epoch and after every epoch ICU's per-sample
+    test (forgotten: BLEU of the 2-beam continuation of its prefix against its true suffix < 0.01; BERTScore
+    where available) takes the forgotten samples out of the batches, with their analogues."""
+    pairs, decode = analogues(target, forget, retain), record_decoder(cfg)
+    ran = "BLEU < 0.01" + (" or BERTScore F1 < 0.3" if have_bertscore() else
+                           " (BERTScore not run: bert_score or bert-base-uncased is not on this machine)")
+    print(f"icu: per-sample test: {ran}")
+    res = unlearn(model, target, [loss_icu], forget, retain, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
+                  pairs=pairs, refine=lambda m: forgotten(m, forget, decode)[0])
+    res["forgotten_test"] = ran
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1301,6 +1437,7 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
                peak_mem_mb=peak / 2**20 if peak else None, after=after)
     if method == "icu":
         out["forgotten_at_epoch"] = forgotten_at
+        out["forgotten_test"] = res["forgotten_test"]  # which of ICU's tests ran: BLEU, and BERTScore where available
     if method == "rum":
         out["rum"] = {k: res[k] for k in ("proxy", "plan", "thirds")}
     if per_request:
