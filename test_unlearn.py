@@ -662,28 +662,64 @@ def test_bad_input_unknown_method(capsys):
 
 
 def test_bad_input_missing_dataset(tmp_path, capsys):
-    (tmp_path / "data" / "mine").mkdir(parents=True)
-    (tmp_path / "data" / "mine" / "prepare.py").write_text("")
-    fails_with(["--dataset", "mine", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
-               capsys, "prepare it with")
-    fails_with(["--dataset", "nothing", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
-               capsys, "is missing")
+    err = fails_with(["--dataset", "nothing", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
+                     capsys, "is missing")
+    assert "people" in err and "tofu" in err  # the known datasets are listed
+    assert not (tmp_path / "out").exists()  # nothing left behind
 
 
-def test_bad_input_checkpoint_mismatch(tiny, tmp_path, capsys):
-    os.makedirs(tmp_path / "out")
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=1, n_embd=8))
-    torch.save({"model_args": __import__("dataclasses").asdict(model.config), "model": model.state_dict()},
-               tmp_path / "out" / "target.pt")
-    fails_with(tiny["argv"] + ["--out_dir", str(tmp_path / "out")], capsys, "delete it or pick another --out_dir")
-    assert files_under(tmp_path / "out") == ["target.pt"]
+def test_bad_input_corrupted_checkpoint_and_stale_cache(tiny, tmp_path, capsys):
+    """A corrupted target.pt is one line; one made from other settings (here another seed) is retrained."""
+    import shutil
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "target.pt").write_bytes(b"not a checkpoint")
+    fails_with(tiny["argv"] + ["--out_dir", str(out)], capsys, "delete it to train again")
+    shutil.copy(tiny["root"] / "out" / "target.pt", out / "target.pt")
+    cfg = unlearn.parse_args(tiny["argv"] + ["--out_dir", str(out), "--seed", "7", "--train_epochs=1"])
+    model, _ = unlearn.load_or_train(cfg, tiny["meta"], tiny["data"], "target", ("forget", "retain"))
+    assert "training again" in capsys.readouterr().out
+    again = torch.load(out / "target.pt", weights_only=True)
+    assert again["fingerprint"] != torch.load(tiny["root"] / "out" / "target.pt", weights_only=True)["fingerprint"]
 
 
 def test_bad_input_empty_forget_set(tmp_path, capsys):
     prepare = os.path.join(unlearn.ROOT, "data", "people", "prepare.py")
-    subprocess.run([sys.executable, prepare, "--n_forget", "0", "--out_dir", str(tmp_path / "data" / "p")], check=True)
-    fails_with(["--dataset", "p", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
-               capsys, "forget set")
+    subprocess.run([sys.executable, prepare, "--n_forget", "0", "--n_retain", "20", "--out_dir",
+                    str(tmp_path / "data" / "people" / "gpt2")], check=True)
+    fails_with(["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")], capsys, "forget set")
+
+
+def test_bad_input_numbers_and_options(tiny, capsys):
+    for flag, value, message in (("--lr", "-1", "--lr must be a positive number"), ("--lora_lr", "nan", "positive"),
+                                 ("--patience", "-2", "0 or more"), ("--dtype", "float16", "float32 or bfloat16"),
+                                 ("--rum_plan", "best", "neggrad+"), ("--seeds", "0", "at least 1")):
+        fails_with(tiny["argv"] + [flag, value], capsys, message)
+    err = fails_with(tiny["argv"] + ["--lr", "fast"], capsys, "invalid float value", code=2)
+    assert len(err.strip().splitlines()) == 1  # one line, not the whole usage
+    fails_with(["--train_epochs", "0"], capsys, "give --init_from")
+
+
+def test_bad_input_checkpoints(tmp_path, capsys):
+    """--init_from: a folder without config.json, an unsupported model_type, a hub id that cannot be reached;
+    --oracle_from with another tokenizer. One line each, and the out dir is not left behind."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    fails_with(["--init_from", str(tmp_path / "empty"), "--out_dir", str(out)], capsys, "")
+    assert not out.exists()
+    ckpt = tmp_path / "ckpt"
+    bpe_checkpoint(ckpt, "gpt2")
+    cfg = __import__("json").load(open(ckpt / "config.json"))
+    bert = tmp_path / "bert"
+    shutil = __import__("shutil")
+    shutil.copytree(ckpt, bert)
+    __import__("json").dump(dict(cfg, model_type="bert"), open(bert / "config.json", "w"))
+    err = fails_with(["--init_from", str(bert), "--out_dir", str(out), "--data_dir", str(tmp_path / "data")], capsys, "bert")
+    assert "gpt2" in err and "llama" in err
+    fails_with(["--init_from", "no-such-org/no-such-model-xyz", "--out_dir", str(out)], capsys, "local folder")
+    fails_with(["--init_from", str(ckpt), "--oracle_from", "gpt2", "--out_dir", str(out)], capsys, "another tokenizer")
+    assert not out.exists()
 
 
 def test_bad_input_nonfinite_loss(tiny, tmp_path, capsys):

@@ -62,6 +62,7 @@ class Config:
     oracle_from: str = ""      # a ready oracle checkpoint (TOFU's retain models) instead of training one on retain
     forget_set: str = ""       # the dataset's forget set (tdec: lm_extraction_32_0, ...; tofu: forget01|05|10); default its own
     dtype: str = ""            # float32 or bfloat16; default bf16 on a GPU that supports it, else fp32
+    checkpointing: bool = False  # activation checkpointing in full-weight training (big models: less memory, ~30% more time)
     n_layer: int = 4           # the from-scratch target: blocks, heads, width
     n_head: int = 4
     n_embd: int = 128
@@ -131,6 +132,7 @@ class Split:
         scored = self.kind > 0  # a row ends after its last scored token (its closing eot)
         self.lengths = scored.shape[1] - scored.flip(1).int().argmax(1)
         self.events = None  # the forget split: per row, the learning events of the target's training (RUM)
+        self.decode = None  # token ids -> text (load_data sets it)
 
     def __len__(self):
         return len(self.rows)
@@ -196,6 +198,8 @@ def load_data(cfg, tok):
         meta["vocab"], to_model, meta["decode"] = None, lambda ids: ids, tok.decode
     meta["eot_model"] = int(to_model(np.array([meta["eot"]]))[0])
     splits = {name: Split(to_model(a["ids"]), a["kind"], cfg.device) for name, a in arrays.items()}
+    for split in splits.values():
+        split.decode = meta["decode"]
     if len(splits["forget"]) == 0:
         raise UserError(f"the forget set of {folder} is empty: there is nothing to unlearn")
     return meta, splits
@@ -336,7 +340,9 @@ def load_or_train(cfg, meta, data, name, splits):
                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
     else:
         model = pretrained(cfg, cfg.init_from, meta)
+    model.checkpointing = cfg.checkpointing
     events = train(model, cat(*train_on), data.get("holdout"), cfg, name, watch=data["forget"] if name == "target" else None)
+    model.checkpointing = False
     tmp = path + ".tmp"  # written whole, then renamed: never a half-written checkpoint
     torch.save({"model_args": asdict(model.config), "model": model.state_dict(), "fingerprint": fp,
                 "events": events, "hf_config": json.dumps(model.hf_config)}, tmp)
@@ -987,9 +993,12 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
 def analogues(model, forget, others):
     """Each forget sample's nearest neighbour among `others` by cosine similarity of the target model's
     mean-pooled final hidden states (the paper uses a sentence encoder; the model's own states serve here)."""
-    def pooled(split):
-        mask = (split.y != -100).unsqueeze(-1).float()
-        return F.normalize((model(split.x) * mask).sum(1) / mask.sum(1), dim=-1)
+    def pooled(split, batch=64):
+        out = []
+        for i in range(0, len(split), batch):
+            x, mask = split.x[i:i + batch], (split.y[i:i + batch] != -100).unsqueeze(-1).float()
+            out.append(F.normalize((model(x) * mask).sum(1) / mask.sum(1), dim=-1).float())
+        return torch.cat(out)
     return (pooled(forget) @ pooled(others).t()).argmax(1).cpu()
 
 
@@ -1068,11 +1077,11 @@ def icu_cuts(split, suffix_len=50):
     tokens 100-149, suffix 150-199, as ICU's Datasets_mean.py lines 44-49 cut them). Rows are
     <eot> record <eot>."""
     ends = (split.lengths - 1).tolist()  # the closing <eot> belongs to neither
-    return [min(s for s, _ in spans) if spans else max(1, e - suffix_len) for spans, e in zip(split.secrets, ends)]
+    return [min(s for s, _ in spans) if spans else max(1, e - suffix_len) for spans, e in zip(split.secrets(), ends)]
 
 
 @torch.no_grad()
-def forgotten(model, split, decode, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01, min_f1=0.3):
+def forgotten(model, split, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01, min_f1=0.3):
     """ICU's per-sample test (Tang et al. 2024, iterative unlearning refinement; their code:
     train_neo_meanwhile_update.py lines 151-191): continue the sample's prefix (at most prefix_len tokens
     before the cut, icu_cuts) with 2-beam search for as many tokens as its true suffix has (at most
@@ -1087,8 +1096,8 @@ def forgotten(model, split, decode, prefix_len=50, suffix_len=50, beams=2, max_b
         n = [min(suffix_len, ends[i] - cut) for i in rows]
         gen = continuation(model, split.rows[rows, max(0, cut - prefix_len):cut], max(n), beams).tolist()
         for i, k, g in zip(rows, n, gen):
-            refs[i] = decode(split.rows[i, cut:cut + k].tolist())
-            cands[i] = decode(g[:k]).split("<|endoftext|>")[0]
+            refs[i] = split.decode(split.rows[i, cut:cut + k].tolist())
+            cands[i] = split.decode(g[:k]).split("<|endoftext|>")[0]
     scores = torch.tensor([bleu(r, c) for r, c in zip(refs, cands)])
     gone = scores < max_bleu
     f1 = bertscore_f1(cands, refs)
@@ -1097,24 +1106,19 @@ def forgotten(model, split, decode, prefix_len=50, suffix_len=50, beams=2, max_b
     return gone.to(split.rows.device), scores, f1
 
 
-def record_decoder(cfg):
-    """Token ids of the dataset -> text, through meta.json's vocabulary (GPT-2 token ids) and GPT-2's BPE."""
-    with open(os.path.join(cfg.data_dir, cfg.dataset, "meta.json")) as f:
-        vocab = json.load(f)["vocab"]
-    enc = gpt2_encoding()
-    return lambda ids: enc.decode([vocab[i] for i in ids])
-
-
-def unlearn_icu(model, target, forget, retain, cfg, thresholds):
-    """ICU on all weights: analogue pairs, and before the first epoch and after every epoch ICU's per-sample
-    test (forgotten: BLEU of the 2-beam continuation of its prefix against its true suffix < 0.01; BERTScore
-    where available) takes the forgotten samples out of the batches, with their analogues."""
-    pairs, decode = analogues(target, forget, retain), record_decoder(cfg)
+def unlearn_icu(model, target, forget, pool, cfg, thresholds):
+    """ICU on all weights: analogue pairs from `pool` (TDEC: its training set, as ICU's code; else retain),
+    and before the first epoch and after every epoch ICU's per-sample test (forgotten: BLEU of the 2-beam
+    continuation of its prefix against its true suffix < 0.01; BERTScore where available) takes the
+    forgotten samples out of the batches, with their analogues. The stopping rule: ICU's own thresholds
+    where the dataset has them (TDEC: MA 0.5994, not Jang's 0.2994)."""
+    pairs = analogues(target, forget, pool)
+    thresholds = thresholds and thresholds.get("icu", thresholds)
     ran = "BLEU < 0.01" + (" or BERTScore F1 < 0.3" if have_bertscore() else
                            " (BERTScore not run: bert_score or bert-base-uncased is not on this machine)")
     print(f"icu: per-sample test: {ran}")
-    res = unlearn(model, target, [loss_icu], forget, retain, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
-                  pairs=pairs, refine=lambda m: forgotten(m, forget, decode)[0])
+    res = unlearn(model, target, [loss_icu], forget, pool, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
+                  pairs=pairs, refine=lambda m: forgotten(m, forget)[0])
     res["forgotten_test"] = ran
     return res
 
@@ -1384,7 +1388,7 @@ def apply_method(method, model, target, forget, retain, data, cfg, thresholds, e
     """Unlearn `forget` from `model` in place with one method; returns unlearn()'s dict. `target` is θ0 for
     the full-weight methods; adapter methods (LoRA, FILA, EUL) use `model` itself with its adapters off."""
     if method == "icu":
-        return unlearn_icu(model, target, forget, retain, cfg, thresholds)
+        return unlearn_icu(model, target, forget, data.get("analogues", retain), cfg, thresholds)
     if method == "eul":
         return unlearn_eul(model, target, forget, retain, cfg, thresholds, eul_requests)
     if method == "rum":
@@ -1405,6 +1409,7 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
     # adapter methods keep θ0 inside the model (adapters off): a single such run may unlearn the target itself
     in_place = method.endswith("lora") or method == "eul"
     model = target if in_place and cfg.method != "all" and cfg.seeds == 1 else copy.deepcopy(target)
+    model.checkpointing = cfg.checkpointing and not in_place
     forget, retain = data["forget"], data["retain"]
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -1566,7 +1571,10 @@ def thresholds_for(meta, before):
     TOFU's protocol is a fixed budget (None: no rule)."""
     rule = meta.get("protocol", {})
     if rule.get("rule") == "thresholds":
-        return {"ma": rule["ma"], "el10": rule["el10"], "source": rule["source"]}
+        out = {"ma": rule["ma"], "el10": rule["el10"], "source": rule["source"]}
+        if "icu" in rule:
+            out["icu"] = {k: rule["icu"][k] for k in ("ma", "el10", "source")}
+        return out
     if rule.get("rule") == "fixed budget":
         return None
     if "holdout" in before:
