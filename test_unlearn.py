@@ -272,11 +272,25 @@ def test_kernels_compile_for_h100():
 from model import GPT, GPTConfig  # noqa: E402
 
 
+@pytest.fixture
+def single_thread():
+    """The model tests run thousands of tiny ops: with 2 threads on a shared machine, every op can wait for a
+    descheduled OpenMP worker (seen: 8 s instead of 0.03 s for one generate()). One thread for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+one_thread = pytest.mark.usefixtures("single_thread")
+
+
 def tiny_gpt():
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=24, vocab_size=37, n_layer=2, n_head=2, n_embd=16)).eval()
 
 
+@one_thread
 def test_kv_cache_generation_equals_full_recomputation():
     model = tiny_gpt()
     idx = torch.randint(0, 37, (3, 5))
@@ -287,6 +301,7 @@ def test_kv_cache_generation_equals_full_recomputation():
     assert torch.equal(out, ref)
 
 
+@one_thread
 def test_lora_merge_unmerge_round_trip():
     model = tiny_gpt()
     x = torch.randint(0, 37, (2, 8))
@@ -346,6 +361,7 @@ def logits(model, x):
         return model.lm_head(model(x))
 
 
+@one_thread
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_matches_transformers(family, tmp_path):
     hf, folder = hf_checkpoint(family, tmp_path)
@@ -364,6 +380,7 @@ def test_from_pretrained_matches_transformers(family, tmp_path):
         assert rel(logits(model, x), ref) > 1e-2
 
 
+@one_thread
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_generation_matches_transformers_greedy(family, tmp_path):
     """Our greedy decoding on the KV cache = transformers' greedy decoding by full recomputation (a loop by
@@ -386,6 +403,7 @@ def add_adapters(model):
         torch.nn.init.normal_(m.lora_B, std=0.1)
 
 
+@one_thread
 @pytest.mark.parametrize("family", list(FAMILIES) + ["scratch"])
 def test_save_pretrained_round_trip(family, tmp_path):
     """save_pretrained (LoRA merged on the way out) then transformers' own loading: the same logits; the
@@ -414,6 +432,7 @@ def test_save_pretrained_round_trip(family, tmp_path):
         ["generation_config.json"] if family != "scratch" else []))
 
 
+@one_thread
 def test_bf16_load_and_save(tmp_path):
     safetensors = pytest.importorskip("safetensors")
     _, folder = hf_checkpoint("llama", tmp_path / "src")
@@ -428,6 +447,7 @@ def test_bf16_load_and_save(tmp_path):
     assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
 
 
+@one_thread
 @pytest.mark.parametrize("merged", [False, True])
 def test_adapters_off_gives_the_base_model(tmp_path, merged):
     _, folder = hf_checkpoint("llama", tmp_path)
@@ -453,6 +473,7 @@ def test_adapters_off_gives_the_base_model(tmp_path, merged):
     assert not os.path.exists(tmp_path / "out")
 
 
+@one_thread
 def test_activation_checkpointing_same_gradients(tmp_path):
     _, folder = hf_checkpoint("gpt_neo", tmp_path)
     x = torch.randint(0, 101, (2, 12))
@@ -465,6 +486,7 @@ def test_activation_checkpointing_same_gradients(tmp_path):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+@one_thread
 def test_from_pretrained_bad_input(tmp_path):
     _, folder = hf_checkpoint("gpt2", tmp_path / "ok")
     config = json.load(open(os.path.join(folder, "config.json")))
