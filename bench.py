@@ -197,13 +197,61 @@ def bench_end_to_end(cuda, repeats):
     for r in rows:
         row(*r)
 
+# ----------------------------------------------------------------------------- (d) model vs transformers
+
+def bench_models(dev, dtype, repeats, cuda, batch=4, seq=256):
+    """model.py against transformers' own implementation of the same checkpoint: forward + backward of the
+    next-token CE on the same random batch, same weights (ours loaded from theirs), same dtype. GPT-2 small
+    (124M) and a Llama of about the same size (GQA 12/4 heads, untied head, vocabulary 32000)."""
+    import tempfile
+    import transformers
+    from model import GPT
+    configs = {
+        "GPT-2 124M": transformers.GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
+        "Llama 125M": transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                               num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                               max_position_embeddings=2048, tie_word_embeddings=False),
+    }
+    print(f"\n### (d) model.py vs transformers {transformers.__version__}: forward + backward, {batch} x {seq} tokens\n")
+    row("model", "params", "ours (ms)", "transformers (ms)", "transformers / ours")
+    row(*["---"] * 5)
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dev, dtype).train()
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            ours = GPT.from_pretrained(folder, dtype=dtype, device=dev).train()
+        idx = torch.randint(0, config.vocab_size, (batch, seq + 1), device=dev)
+        x, y = idx[:, :-1], idx[:, 1:].flatten()
+        steps = {"ours": lambda: F.cross_entropy(ours.lm_head(ours(x)).flatten(0, 1).float(), y),
+                 "hf": lambda: F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y)}
+        ms = {}
+        for who, loss in steps.items():
+            model = ours if who == "ours" else hf
+
+            def step():
+                loss().backward()
+                model.zero_grad(set_to_none=True)
+            ms[who] = measure(step, repeats, cuda)[0]
+        params = sum(p.numel() for p in ours.parameters()) / 1e6
+        row(name, f"{params:.0f}M", f"{ms['ours']:.0f}", f"{ms['hf']:.0f}", f"{ms['hf'] / ms['ours']:.2f}")
+        del hf, ours
+
 # ----------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU (the default without CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", action="store_true", help="only (d): model.py vs transformers (also part of --cpu)")
     args = parser.parse_args()
+    if args.models:
+        cuda = torch.cuda.is_available() and not args.cpu
+        if cuda:
+            bench_models("cuda", torch.bfloat16, args.repeats, cuda)
+        else:
+            bench_models("cpu", torch.float32, 3, cuda, batch=2, seq=128)
+        raise SystemExit
     cuda = torch.cuda.is_available() and not args.cpu
     if cuda:
         dev, dtype = "cuda", torch.bfloat16
@@ -218,4 +266,5 @@ if __name__ == "__main__":
         bench_loss([(1024, 128, 8192)], dtype, dev, args.repeats, cuda)
         MODEL_FWD_BWD_MS = model_fwd_bwd(4, 64, 2, 8192, dev, dtype, args.repeats, cuda)
         bench_fisher(4, 64, 2, dtype, dev, args.repeats, cuda)
+        bench_models(dev, dtype, 3, cuda, batch=2, seq=128)
     bench_end_to_end(cuda, args.repeats)
