@@ -317,23 +317,15 @@ class GPT(nn.Module):
         model.safetensors, or shards listed in model.safetensors.index.json) or a Hugging Face Hub id.
         Every bad input is a ValueError with a one-line message."""
         folder = resolve(name_or_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        config = config_from_hf(hf)
+        hf = read_json(folder, "config.json")
         with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
-            model = cls(config)
+            model = cls(config_from_hf(hf))
         model = model.to(dtype).to_empty(device=device)
         model.tie()  # to_empty() makes new tensors, one per module: tie them again
-        model.hf_config = hf
-        gen = os.path.join(folder, "generation_config.json")
-        if os.path.exists(gen):
-            with open(gen) as f:
-                model.hf_generation_config = json.load(f)
+        model.hf_config, model.hf_generation_config = hf, read_json(folder, "generation_config.json")
         from safetensors import safe_open  # ships with transformers
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+        if index := read_json(folder, "model.safetensors.index.json"):  # sharded
+            files = sorted(set(index["weight_map"].values()))
         elif os.path.exists(os.path.join(folder, "model.safetensors")):
             files = ["model.safetensors"]
         else:
@@ -481,6 +473,13 @@ def gpt2_config(config):
             "n_head": config.n_head, "n_inner": config.n_inner, "activation_function": "gelu_new",
             "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": True, "bos_token_id": None,
             "eos_token_id": None}
+
+
+def read_json(folder, file):
+    path = os.path.join(folder, file)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def resolve(name_or_path):

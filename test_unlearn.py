@@ -375,6 +375,10 @@ def test_from_pretrained_matches_transformers(family, tmp_path):
     for a in out.attentions:  # far from uniform: past position 8, uniform weights would be <= 1/9
         assert a.max(-1).values[..., 8:].mean() > 0.3
     assert model.config.tie_embeddings == (model.lm_head.weight is model.transformer.wte.weight)
+    if family == "llama":  # the sharded form: model.safetensors.index.json and its shards
+        hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+        assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+        assert torch.equal(logits(GPT.from_pretrained(str(tmp_path / "sharded")), x), logits(model, x))
     if family == "llama3":  # the scaling is not a no-op here: without it the logits move
         model.config.rope_scaling = None
         assert rel(logits(model, x), ref) > 1e-2
