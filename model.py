@@ -385,12 +385,9 @@ class GPT(nn.Module):
                     with open(os.path.join(tmp, file), "w") as f:
                         json.dump(content, f, indent=2)
             if os.path.exists(folder):  # replace: the old one moves aside until the new one is in place
-                old = tmp + ".old"
-                os.rename(folder, old)
-                os.rename(tmp, folder)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, folder)
+                os.rename(folder, tmp + ".old")
+            os.rename(tmp, folder)
+            shutil.rmtree(tmp + ".old", ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
