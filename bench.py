@@ -201,8 +201,9 @@ def bench_end_to_end(cuda, repeats):
 
 def bench_models(dev, dtype, repeats, cuda, batch=4, seq=256):
     """model.py against transformers' own implementation of the same checkpoint: forward + backward of the
-    next-token CE on the same random batch, same weights (ours loaded from theirs), same dtype. GPT-2 small
-    (124M) and a Llama of about the same size (GQA 12/4 heads, untied head, vocabulary 32000)."""
+    next-token CE on the same random batch, same weights (ours loaded from theirs), same dtype;
+    median of `repeats` interleaved runs after a warm-up round. GPT-2 small (124M) and a Llama of about the
+    same size (GQA 12/4 heads, untied head, vocabulary 32000)."""
     import tempfile
     import transformers
     from model import GPT
@@ -223,16 +224,21 @@ def bench_models(dev, dtype, repeats, cuda, batch=4, seq=256):
             ours = GPT.from_pretrained(folder, dtype=dtype, device=dev).train()
         idx = torch.randint(0, config.vocab_size, (batch, seq + 1), device=dev)
         x, y = idx[:, :-1], idx[:, 1:].flatten()
-        steps = {"ours": lambda: F.cross_entropy(ours.lm_head(ours(x)).flatten(0, 1).float(), y),
-                 "hf": lambda: F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y)}
-        ms = {}
-        for who, loss in steps.items():
-            model = ours if who == "ours" else hf
-
-            def step():
+        steps = {"ours": (ours, lambda: F.cross_entropy(ours.lm_head(ours(x)).flatten(0, 1).float(), y)),
+                 "hf": (hf, lambda: F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y))}
+        ms = {who: [] for who in steps}
+        for r in range(repeats + 1):  # interleaved, so that a change of load on a shared machine hits both
+            for who, (model, loss) in steps.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
                 loss().backward()
+                if cuda:
+                    torch.cuda.synchronize()
                 model.zero_grad(set_to_none=True)
-            ms[who] = measure(step, repeats, cuda)[0]
+                if r:  # the first round is the warm-up
+                    ms[who].append(1000 * (time.perf_counter() - t0))
+        ms = {who: statistics.median(t) for who, t in ms.items()}
         params = sum(p.numel() for p in ours.parameters()) / 1e6
         row(name, f"{params:.0f}M", f"{ms['ours']:.0f}", f"{ms['hf']:.0f}", f"{ms['hf'] / ms['ours']:.2f}")
         del hf, ours
