@@ -182,7 +182,9 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
         mask = None
-        if start > 0 or self.window:  # query i (at start + i) sees keys j <= start + i, and the last `window` only
+        # query i (at start + i) sees keys j <= start + i, and the last `window` only; a single new token of a
+        # global layer sees every key: no mask, so that SDPA keeps its fast kernels (with GQA too)
+        if self.window or (start > 0 and T > 1):
             i = torch.arange(start, start + T, device=x.device)[:, None]
             j = torch.arange(k.size(2), device=x.device)
             mask = j <= i
