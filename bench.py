@@ -324,6 +324,52 @@ def bench_end_to_end(cuda, repeats):
     for r in rows:
         row(*r)
 
+# ----------------------------------------------------------------------------- (d) model vs transformers
+
+def bench_models(dev, dtype, repeats, cuda, batch=4, seq=256):
+    """model.py against transformers' own implementation of the same checkpoint: forward + backward of the
+    next-token CE on the same random batch, same weights (ours loaded from theirs), same dtype;
+    median of `repeats` interleaved runs after a warm-up round. GPT-2 small (124M) and a Llama of about the
+    same size (GQA 12/4 heads, untied head, vocabulary 32000)."""
+    import tempfile
+    import transformers
+    from model import GPT
+    configs = {
+        "GPT-2 124M": transformers.GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
+        "Llama 125M": transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                               num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                               max_position_embeddings=2048, tie_word_embeddings=False),
+    }
+    print(f"\n### (d) model.py vs transformers {transformers.__version__}: forward + backward, {batch} x {seq} tokens\n")
+    row("model", "params", "ours (ms)", "transformers (ms)", "transformers / ours")
+    row(*["---"] * 5)
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dev, dtype).train()
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            ours = GPT.from_pretrained(folder, dtype=dtype, device=dev).train()
+        idx = torch.randint(0, config.vocab_size, (batch, seq + 1), device=dev)
+        x, y = idx[:, :-1], idx[:, 1:].flatten()
+        steps = {"ours": (ours, lambda: F.cross_entropy(ours.lm_head(ours(x)).flatten(0, 1).float(), y)),
+                 "hf": (hf, lambda: F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y))}
+        ms = {who: [] for who in steps}
+        for r in range(repeats + 1):  # interleaved, so that a change of load on a shared machine hits both
+            for who, (model, loss) in steps.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                loss().backward()
+                if cuda:
+                    torch.cuda.synchronize()
+                model.zero_grad(set_to_none=True)
+                if r:  # the first round is the warm-up
+                    ms[who].append(1000 * (time.perf_counter() - t0))
+        ms = {who: statistics.median(t) for who, t in ms.items()}
+        params = sum(p.numel() for p in ours.parameters()) / 1e6
+        row(name, f"{params:.0f}M", f"{ms['ours']:.0f}", f"{ms['hf']:.0f}", f"{ms['hf'] / ms['ours']:.2f}")
+        del hf, ours
+
 # ----------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
@@ -332,10 +378,18 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--case", choices=MEMORY_CASES, help="(m) internal: one memory case, in a fresh process")
     parser.add_argument("--shape", default="8192,128,8192", help="(m) N,H,V")
+    parser.add_argument("--models", action="store_true", help="only (d): model.py vs transformers (also part of --cpu)")
     args = parser.parse_args()
     if args.case:
         memory_case(args.case, *map(int, args.shape.split(",")))
         sys.exit()
+    if args.models:
+        cuda = torch.cuda.is_available() and not args.cpu
+        if cuda:
+            bench_models("cuda", torch.bfloat16, args.repeats, cuda)
+        else:
+            bench_models("cpu", torch.float32, 3, cuda, batch=2, seq=128)
+        raise SystemExit
     from model import GPTConfig
     gpt2_small = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
     people = GPTConfig(block_size=64, vocab_size=1700, n_layer=4, n_head=4, n_embd=128)  # the default target
@@ -356,4 +410,5 @@ if __name__ == "__main__":
         bench_loss_memory(*map(int, args.shape.split(",")))
         bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
                              ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 8, 64)], dev, args.repeats, cuda)
+        bench_models(dev, dtype, 3, cuda, batch=2, seq=128)
     bench_end_to_end(cuda, args.repeats)

@@ -191,7 +191,9 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
         mask = None
-        if start > 0 or self.window:  # query i (at start + i) sees keys j <= start + i, and the last `window` only
+        # query i (at start + i) sees keys j <= start + i, and the last `window` only; a single new token of a
+        # global layer sees every key: no mask, so that SDPA keeps its fast kernels (with GQA too)
+        if self.window or (start > 0 and T > 1):
             i = torch.arange(start, start + T, device=x.device)[:, None]
             j = torch.arange(k.size(2), device=x.device)
             mask = j <= i
@@ -327,23 +329,15 @@ class GPT(nn.Module):
         model.safetensors, or shards listed in model.safetensors.index.json) or a Hugging Face Hub id.
         Every bad input is a ValueError with a one-line message."""
         folder = resolve(name_or_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        config = config_from_hf(hf)
+        hf = read_json(folder, "config.json")
         with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
-            model = cls(config)
+            model = cls(config_from_hf(hf))
         model = model.to(dtype).to_empty(device=device)
         model.tie()  # to_empty() makes new tensors, one per module: tie them again
-        model.hf_config = hf
-        gen = os.path.join(folder, "generation_config.json")
-        if os.path.exists(gen):
-            with open(gen) as f:
-                model.hf_generation_config = json.load(f)
+        model.hf_config, model.hf_generation_config = hf, read_json(folder, "generation_config.json")
         from safetensors import safe_open  # ships with transformers
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+        if index := read_json(folder, "model.safetensors.index.json"):  # sharded
+            files = sorted(set(index["weight_map"].values()))
         elif os.path.exists(os.path.join(folder, "model.safetensors")):
             files = ["model.safetensors"]
         else:
@@ -403,12 +397,9 @@ class GPT(nn.Module):
                     with open(os.path.join(tmp, file), "w") as f:
                         json.dump(content, f, indent=2)
             if os.path.exists(folder):  # replace: the old one moves aside until the new one is in place
-                old = tmp + ".old"
-                os.rename(folder, old)
-                os.rename(tmp, folder)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, folder)
+                os.rename(folder, tmp + ".old")
+            os.rename(tmp, folder)
+            shutil.rmtree(tmp + ".old", ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -491,6 +482,13 @@ def gpt2_config(config):
             "n_head": config.n_head, "n_inner": config.n_inner, "activation_function": "gelu_new",
             "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": True, "bos_token_id": None,
             "eos_token_id": None}
+
+
+def read_json(folder, file):
+    path = os.path.join(folder, file)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def resolve(name_or_path):

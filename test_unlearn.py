@@ -1,7 +1,9 @@
 # Tests of kernels/: the Triton kernels against their PyTorch twins and against independent references.
 # Without CUDA the kernels run under the Triton interpreter on the CPU, which is read when @triton.jit
 # decorates: TRITON_INTERPRET must be set before kernels (or anything importing triton) is imported.
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -452,11 +454,25 @@ def test_kernels_compile_for_h100():
 from model import GPT, GPTConfig  # noqa: E402
 
 
+@pytest.fixture
+def single_thread():
+    """The model tests run thousands of tiny ops: with 2 threads on a shared machine, every op can wait for a
+    descheduled OpenMP worker (seen: 8 s instead of 0.03 s for one generate()). One thread for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+one_thread = pytest.mark.usefixtures("single_thread")
+
+
 def tiny_gpt():
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=24, vocab_size=37, n_layer=2, n_head=2, n_embd=16)).eval()
 
 
+@one_thread
 def test_kv_cache_generation_equals_full_recomputation():
     model = tiny_gpt()
     idx = torch.randint(0, 37, (3, 5))
@@ -467,6 +483,7 @@ def test_kv_cache_generation_equals_full_recomputation():
     assert torch.equal(out, ref)
 
 
+@one_thread
 def test_lora_merge_unmerge_round_trip():
     model = tiny_gpt()
     x = torch.randint(0, 37, (2, 8))
@@ -484,20 +501,194 @@ def test_lora_merge_unmerge_round_trip():
     assert not torch.allclose(with_adapter, tiny_gpt()(x), atol=1e-3)
 
 
-def test_from_pretrained_matches_transformers(tmp_path):
-    """GPT-2 weights through transformers, offline: a small random GPT-2 saved locally stands in for 'gpt2'."""
+# Real checkpoints: for each family a random transformers model saved to a folder stands in for the hub one.
+# Weights drawn with std 0.3 (norms around 1) so that attention is far from uniform and the logits peaked:
+# a wrong mask, scale or rotary layout changes the argmax, not just the 6th digit.
+FAMILIES = {
+    "gpt2": ("GPT2LMHeadModel", dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, vocab_size=101,
+                                     bos_token_id=0, eos_token_id=0)),
+    "gpt_neo": ("GPTNeoForCausalLM", dict(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, window_size=5,
+                                          attention_types=[[["global", "local"], 1]], max_position_embeddings=64,
+                                          bos_token_id=0, eos_token_id=0)),
+    "llama": ("LlamaForCausalLM", dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
+                                       tie_word_embeddings=False, max_position_embeddings=64)),
+    "llama3": ("LlamaForCausalLM", dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                                        max_position_embeddings=64, rope_theta=10000.0, rope_scaling=dict(
+                                            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=16))),
+}
+
+
+def hf_checkpoint(family, folder):
+    """(transformers model, folder it was saved to), random weights with std 0.3."""
     transformers = pytest.importorskip("transformers")
+    cls, kwargs = FAMILIES[family]
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_positions=32, n_embd=48, n_layer=2, n_head=4, vocab_size=101, bos_token_id=0, eos_token_id=0)).eval()
-    hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
-    x = torch.randint(0, 101, (3, 20))
+    hf = getattr(transformers, cls)(getattr(transformers, cls.replace("LMHeadModel", "Config")
+                                            .replace("ForCausalLM", "Config"))(**kwargs)).eval()
     with torch.no_grad():
-        assert torch.allclose(model.lm_head(model(x)), hf(x).logits, atol=1e-4)
-        model.restrict_vocab([5, 7, 11])  # the dataset's own tokens: the logits of those columns, nothing else
-        assert torch.allclose(model.lm_head(model(torch.tensor([[0, 2, 1]]))),
-                              hf(torch.tensor([[5, 11, 7]])).logits[..., [5, 7, 11]], atol=1e-4)
+        for name, p in hf.named_parameters():
+            if re.search(r"(norm|ln_.*)\.weight$", name):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.3)
+    hf.save_pretrained(folder)
+    return hf, str(folder)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model.lm_head(model(x))
+
+
+@one_thread
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pretrained_matches_transformers(family, tmp_path):
+    hf, folder = hf_checkpoint(family, tmp_path)
+    model = GPT.from_pretrained(folder)
+    x = torch.randint(0, 101, (3, 24))
+    hf.set_attn_implementation("eager")  # to see its attention weights
+    with torch.no_grad():
+        out = hf(x, output_attentions=True)
+    ref = out.logits
+    assert rel(logits(model, x), ref) < 1e-5
+    for a in out.attentions:  # far from uniform: past position 8, uniform weights would be <= 1/9
+        assert a.max(-1).values[..., 8:].mean() > 0.3
+    assert model.config.tie_embeddings == (model.lm_head.weight is model.transformer.wte.weight)
+    if family == "llama":  # the sharded form: model.safetensors.index.json and its shards
+        hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+        assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+        assert torch.equal(logits(GPT.from_pretrained(str(tmp_path / "sharded")), x), logits(model, x))
+    if family == "llama3":  # the scaling is not a no-op here: without it the logits move
+        model.config.rope_scaling = None
+        assert rel(logits(model, x), ref) > 1e-2
+
+
+@one_thread
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_generation_matches_transformers_greedy(family, tmp_path):
+    """Our greedy decoding on the KV cache = transformers' greedy decoding by full recomputation (a loop by
+    hand, not hf.generate), 18 new tokens: well past GPT-Neo's window of 5."""
+    hf, folder = hf_checkpoint(family, tmp_path)
+    model = GPT.from_pretrained(folder)
+    idx = torch.randint(0, 101, (2, 6))
+    ref = idx
+    with torch.no_grad():
+        for _ in range(18):
+            ref = torch.cat([ref, hf(ref).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(model.generate(idx, 18), ref)
+
+
+def add_adapters(model):
+    """LoRA with nonzero B on every linear."""
+    torch.manual_seed(1)
+    for m in model.lora_layers():
+        m.add_lora(2, 4)
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+
+
+@one_thread
+@pytest.mark.parametrize("family", list(FAMILIES) + ["scratch"])
+def test_save_pretrained_round_trip(family, tmp_path):
+    """save_pretrained (LoRA merged on the way out) then transformers' own loading: the same logits; the
+    checkpoint's config fields are kept; the model in memory is left unmerged."""
+    transformers = pytest.importorskip("transformers")
+    if family == "scratch":  # a from-scratch GPT-2-style model gets a synthesized GPT-2 config
+        model = tiny_gpt()
+    else:
+        _, folder = hf_checkpoint(family, tmp_path / "src")
+        model = GPT.from_pretrained(folder)
+    add_adapters(model)
+    x = torch.randint(0, model.config.vocab_size, (2, 20))
+    ours = logits(model, x)
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == (["out"] if family == "scratch" else ["out", "src"])  # no leftovers
+    assert not any(m.merged for m in model.lora_layers()) and torch.equal(logits(model, x), ours)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert rel(reloaded(x).logits, ours) < 1e-5
+    if family != "scratch":
+        saved = json.load(open(tmp_path / "out" / "config.json"))
+        source = json.load(open(tmp_path / "src" / "config.json"))
+        assert {k: v for k, v in saved.items() if k != "dtype"} == {k: v for k, v in source.items() if k != "dtype"}
+    model.save_pretrained(tmp_path / "out")  # over an existing folder: replaced whole
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(["config.json", "model.safetensors"] + (
+        ["generation_config.json"] if family != "scratch" else []))
+
+
+@one_thread
+def test_bf16_load_and_save(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    _, folder = hf_checkpoint("llama", tmp_path / "src")
+    model = GPT.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x = torch.randint(0, 101, (2, 12))
+    ref = logits(GPT.from_pretrained(folder), x)
+    assert rel(logits(model, x), ref) < 0.1  # bf16 rounding, not a different model
+    model.save_pretrained(tmp_path / "out")
+    with safetensors.safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+
+
+@one_thread
+@pytest.mark.parametrize("merged", [False, True])
+def test_adapters_off_gives_the_base_model(tmp_path, merged):
+    _, folder = hf_checkpoint("llama", tmp_path)
+    model = GPT.from_pretrained(folder)
+    x = torch.randint(0, 101, (2, 12))
+    base = logits(model, x)
+    add_adapters(model)
+    for b in model.transformer.h:  # an EUL-style layer after the MLP
+        b.adapter = torch.nn.Linear(32, 32)
+    if merged:
+        for m in model.lora_layers():
+            m.merge()
+    adapted = logits(model, x)
+    assert rel(adapted, base) > 1e-2
+    with model.adapters_off():
+        assert rel(logits(model, x), base) < 1e-5
+        with model.adapters_off():  # nested: still off after the inner one ends
+            pass
+        assert rel(logits(model, x), base) < 1e-5
+    assert torch.equal(logits(model, x), adapted)
+    with pytest.raises(ValueError, match="EUL"):
+        model.save_pretrained(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@one_thread
+def test_activation_checkpointing_same_gradients(tmp_path):
+    _, folder = hf_checkpoint("gpt_neo", tmp_path)
+    x = torch.randint(0, 101, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model = GPT.from_pretrained(folder).train()
+        model.checkpointing = ckpt
+        model.lm_head(model(x)).logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@one_thread
+def test_from_pretrained_bad_input(tmp_path):
+    _, folder = hf_checkpoint("gpt2", tmp_path / "ok")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(dict(config, model_type="bert")))
+    with pytest.raises(ValueError, match="'bert' is not supported: only gpt2, gpt_neo, llama"):
+        GPT.from_pretrained(str(tmp_path / "bert"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        GPT.from_pretrained(str(tmp_path / "noweights"))
+    with pytest.raises(ValueError, match="cannot download .* pass a local folder"):  # offline here: fast
+        GPT.from_pretrained(str(tmp_path / "no-such-folder"))
 
 
 # ---- unlearn.py: metrics on hand-made cases ------------------------------------------------------------
