@@ -290,9 +290,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens):
+    def generate(self, idx, max_new_tokens, beams=1):
         """Greedy continuation of a batch of same-length prompts idx [B, T] -> [B, T + max_new_tokens].
-        The prompt is encoded once; each new token costs one position thanks to the KV cache."""
+        The prompt is encoded once; each new token costs one position thanks to the KV cache.
+        beams > 1: the best of `beams` beams by summed log-probability (ICU's 2-beam test), the caches
+        reordered as beams are chosen; unlike transformers' beam search, <eot> does not end a beam early."""
+        if beams > 1:
+            return self.beam_search(idx, max_new_tokens, beams)
         caches = [[None, None] for _ in self.transformer.h]
         h = self(idx, caches)
         for i in range(max_new_tokens):
@@ -301,6 +305,27 @@ class GPT(nn.Module):
             if i < max_new_tokens - 1:
                 h = self(nxt, caches)
         return idx
+
+    @torch.no_grad()
+    def beam_search(self, idx, max_new_tokens, beams):
+        N = len(idx)
+        caches = [[None, None] for _ in self.transformer.h]
+        h = self(idx.repeat_interleave(beams, 0), caches)[:, -1]
+        score = torch.full((N, beams), float("-inf"), device=idx.device)
+        score[:, 0] = 0.0  # the beams start as copies: only the first may expand, or the top-k would pick twins
+        out = idx.new_empty(N * beams, 0)
+        for i in range(max_new_tokens):
+            logp = self.lm_head(h).float().log_softmax(-1)  # [N*beams, V]
+            V = logp.size(-1)
+            score, top = (score.view(-1, 1) + logp).view(N, beams * V).topk(beams, dim=-1)  # sorted: beam 0 best
+            sel = (torch.arange(N, device=top.device)[:, None] * beams + top // V).flatten()
+            tok = (top % V).view(-1, 1)
+            out = torch.cat([out[sel], tok], 1)
+            for c in caches:
+                c[0], c[1] = c[0][sel], c[1][sel]
+            if i < max_new_tokens - 1:
+                h = self(tok, caches)[:, -1]
+        return torch.cat([idx, out.view(N, beams, -1)[:, 0]], 1)
 
     def lora_layers(self):
         """The linears LoRA adapts: every attention and MLP linear of every block (not wte/lm_head)."""

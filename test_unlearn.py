@@ -359,7 +359,9 @@ def test_fisher_of_model_against_per_sample_loop(monkeypatch, path):
     torch.manual_seed(8)
     model = GPT(GPTConfig(block_size=16, vocab_size=29, n_layer=1, n_head=2, n_embd=16)).to(DEV)
     rows = np.random.default_rng(0).integers(0, 29, (5, 13))
-    split = unlearn.Split(rows, [13, 9, 13, 4, 11], [[]] * 5, DEV)  # padded rows: ignored targets
+    kind = (np.arange(13)[None] < np.array([13, 9, 13, 4, 11])[:, None]).astype(np.uint8)
+    kind[:, 0] = 0
+    split = unlearn.Split(rows, kind, DEV)  # padded rows: ignored targets
     layers = model.lora_layers()
     fisher_i, sq_i = per_sample_loop_fisher(model, split, layers)
     fisher, sq = unlearn.fisher(model, split, layers, batch_size=2)  # batches of 2, 2, 1
@@ -695,6 +697,7 @@ def test_from_pretrained_bad_input(tmp_path):
 import numpy as np  # noqa: E402
 
 import unlearn  # noqa: E402
+import tofu.metrics as tofu  # noqa: E402  (data/ is on the path: unlearn.py puts it there)
 
 
 def hand_split(rows, lengths, secrets):
@@ -720,7 +723,7 @@ class Oracle(torch.nn.Module):
     def forward(self, idx):
         return F.one_hot(self.says[1:idx.size(1) + 1], self.lm_head.in_features).float().expand(len(idx), -1, -1)
 
-    def generate(self, idx, max_new_tokens):
+    def generate(self, idx, max_new_tokens, beams=1):
         return torch.cat([idx, self.says[idx.size(1):idx.size(1) + max_new_tokens].expand(len(idx), -1)], 1)
 
 
@@ -981,20 +984,20 @@ def test_icu_forgotten_test_by_hand():
     record (not the closing <eot>), the continuation as long as the reference; forgotten when BLEU < 0.01."""
     row = [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]  # <eot> record <eot>, the secret at tokens 4-5
     split = hand_split([row, row], [10, 10], [[[4, 6]], []])  # the second row: no secret
-    decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    split.decode = lambda ids: " ".join(f"w{i}" for i in ids)
     assert unlearn.icu_cuts(split, suffix_len=3) == [4, 6]      # no secret: suffix_len before the record's end
-    gone, bleu, f1 = unlearn.forgotten(Oracle(row), split, decode, beams=1)  # a parrot remembers everything
+    gone, bleu, f1 = unlearn.forgotten(Oracle(row), split, beams=1)  # a parrot remembers everything
     assert bleu.tolist() == [1.0, 1.0] and not gone.any() and f1 is None  # no BERTScore on this machine
     # right but for the last suffix token: p1..p4 = 4/5, 3/4, 2/3, 1/2, BLEU 0.2^(1/4), still remembered
-    gone, bleu, _ = unlearn.forgotten(Oracle(row[:8] + [9, 0]), split.take([0]), decode, beams=1)
+    gone, bleu, _ = unlearn.forgotten(Oracle(row[:8] + [9, 0]), split.take([0]), beams=1)
     assert bleu.item() == pytest.approx(0.2 ** 0.25) and not gone.any()
-    gone, bleu, _ = unlearn.forgotten(Oracle([0] * 10), split, decode, beams=1)  # says nothing of the record
+    gone, bleu, _ = unlearn.forgotten(Oracle([0] * 10), split, beams=1)  # says nothing of the record
     assert gone.all() and bleu.max() < 0.01
     # prefix_len / suffix_len (TDEC's 50 / 50): a 2-token prompt before the cut, 3 tokens generated after it
     asked = []
     parrot = Oracle(row)
-    parrot.generate = lambda idx, n: asked.append((idx.tolist(), n)) or Oracle.generate(parrot, idx, n)
-    gone, bleu, _ = unlearn.forgotten(parrot, split.take([1]), decode, prefix_len=2, suffix_len=3, beams=1)
+    parrot.generate = lambda idx, n, beams=1: asked.append((idx.tolist(), n)) or Oracle.generate(parrot, idx, n)
+    gone, bleu, _ = unlearn.forgotten(parrot, split.take([1]), prefix_len=2, suffix_len=3, beams=1)
     assert asked == [([[4, 5]], 3)]
     assert bleu.item() == 0.0 and gone.all()  # 3 words: no 4-gram at all, BLEU 0
 
@@ -1009,8 +1012,7 @@ def test_beam_continuation_matches_a_plain_beam_search():
         for p in model.parameters():
             p.mul_(3)  # varied next-token distributions, so that beams and greedy part ways (2 of 6 rows)
     prompts = torch.randint(7, (6, 3))
-    assert torch.equal(unlearn.continuation(model, prompts, 5, beams=1), model.generate(prompts, 5)[:, 3:])
-    got = unlearn.continuation(model, prompts, 5, beams=2)
+    got = model.generate(prompts, 5, beams=2)[:, 3:]
     for p, g in zip(prompts, got):
         beams = [(0.0, p.tolist())]
         for _ in range(5):
@@ -1021,7 +1023,7 @@ def test_beam_continuation_matches_a_plain_beam_search():
                 grown += [(score + logp[v].item(), seq + [v]) for v in range(7)]
             beams = sorted(grown, key=lambda b: -b[0])[:2]
         assert g.tolist() == beams[0][1][3:]
-    assert not torch.equal(got, unlearn.continuation(model, prompts, 5, beams=1))  # the test tells them apart
+    assert not torch.equal(got, model.generate(prompts, 5, beams=1)[:, 3:])  # the test tells them apart
 
 
 def test_full_batch_is_one_update_an_epoch(tiny):
@@ -1389,28 +1391,28 @@ def test_tofu_prepare_bad_input(tmp_path, monkeypatch, capsys):
 # TOFU's metrics, by hand from the formulas (open-unlearning src/evals/metrics/memorization.py, utils.py)
 def test_tofu_probability_is_length_normalised():
     # three answers: log-prob sums over 4, 2 and 5 tokens
-    p = unlearn.tofu_prob([-2.0, -0.5, -10.0], [4, 2, 5])
+    p = tofu.tofu_prob([-2.0, -0.5, -10.0], [4, 2, 5])
     assert np.allclose(p, [math.exp(-0.5), math.exp(-0.25), math.exp(-2.0)], rtol=1e-12)
-    assert np.allclose(unlearn.tofu_prob([[-1.0, -3.0]], [[1, 3]]), [[math.exp(-1), math.exp(-1)]])
+    assert np.allclose(tofu.tofu_prob([[-1.0, -3.0]], [[1, 3]]), [[math.exp(-1), math.exp(-1)]])
 
 
 def test_tofu_truth_ratio_forms_by_hand():
     # question 1: p(correct) 0.5, perturbed 0.25 and 0.04 -> geometric mean 0.1 -> R = 0.2
     # question 2: p(correct) 0.2, perturbed 0.2 and 0.8 -> geometric mean 0.4 -> R = 2.0
-    r = unlearn.truth_ratios([0.5, 0.2], [[0.25, 0.04], [0.2, 0.8]])
+    r = tofu.truth_ratios([0.5, 0.2], [[0.25, 0.04], [0.2, 0.8]])
     assert np.allclose(r, [0.2, 2.0], rtol=1e-8)  # geometric, not arithmetic (that would give 0.29, 2.5)
-    assert unlearn.truth_ratio_stat(r, "closer_to_1_better") == pytest.approx((0.2 + 0.5) / 2)  # min(R, 1/R)
-    assert unlearn.truth_ratio_stat(r, "true_better") == pytest.approx((0.8 + 0.0) / 2)  # max(0, 1 - R)
+    assert tofu.truth_ratio_stat(r, "closer_to_1_better") == pytest.approx((0.2 + 0.5) / 2)  # min(R, 1/R)
+    assert tofu.truth_ratio_stat(r, "true_better") == pytest.approx((0.8 + 0.0) / 2)  # max(0, 1 - R)
     with pytest.raises(ValueError):
-        unlearn.truth_ratio_stat(r, "mean")
+        tofu.truth_ratio_stat(r, "mean")
 
 
 def test_tofu_normalised_probability_and_harmonic_mean_by_hand():
     # 0.6 / (0.6 + 0.1 + 0.1 + 0.2) = 0.6 and 0.1 / (0.1 + 0.9) = 0.1: the sum over the perturbed answers
-    assert unlearn.tofu_prob_normalised([0.6, 0.1], [[0.1, 0.1, 0.2], [0.3, 0.3, 0.3]]) == pytest.approx(0.35)
-    assert unlearn.harmonic_mean([0.5, 0.25, 1.0]) == pytest.approx(3 / 7)
-    assert unlearn.harmonic_mean([0.2, 0.4, 0.8]) == pytest.approx(0.34285714285714286, rel=1e-12)  # scipy.stats.hmean
-    assert unlearn.harmonic_mean([0.5, 0.0, 0.3]) == 0.0  # as scipy.stats.hmean
+    assert tofu.tofu_prob_normalised([0.6, 0.1], [[0.1, 0.1, 0.2], [0.3, 0.3, 0.3]]) == pytest.approx(0.35)
+    assert tofu.harmonic_mean([0.5, 0.25, 1.0]) == pytest.approx(3 / 7)
+    assert tofu.harmonic_mean([0.2, 0.4, 0.8]) == pytest.approx(0.34285714285714286, rel=1e-12)  # scipy.stats.hmean
+    assert tofu.harmonic_mean([0.5, 0.0, 0.3]) == 0.0  # as scipy.stats.hmean
 
 
 def test_ks_2samp_pvalue_matches_scipy():
@@ -1426,13 +1428,13 @@ def test_ks_2samp_pvalue_matches_scipy():
         ([5, 0.5, 3], [0.1, 0.05, 4], 0.6),
     ]
     for a, b, want in cases:
-        assert unlearn.ks_2samp_pvalue(a, b) == pytest.approx(want, rel=1e-9)
-    assert unlearn.ks_2samp_pvalue([1, 2, 3], [1, 2, 3]) == 1.0
+        assert tofu.ks_pvalue(a, b) == pytest.approx(want, rel=1e-9)
+    assert tofu.ks_pvalue([1, 2, 3], [1, 2, 3]) == 1.0
 
 
 def test_rouge_l_recall_settings():
     # LCS 3 of the answer's 6 tokens; with the stemmer "running" matches "runs" (2/3 without it)
-    assert unlearn.rouge_l_recall(["the cat sat", "he running fast"], ["the cat sat on the mat", "He runs fast"]).tolist() == [0.5, 1.0]
+    assert tofu.rouge_l_recall(["the cat sat", "he running fast"], ["the cat sat on the mat", "He runs fast"]).tolist() == [0.5, 1.0]
 
 
 def tofu_case():
@@ -1456,7 +1458,7 @@ def tofu_case():
 
 def test_tofu_metrics_block_by_hand():
     stats, rouge, parts = tofu_case()
-    out = unlearn.tofu_metrics(stats, rouge)
+    out = tofu.tofu_metrics(stats, rouge)
     assert out["forget_Q_A_Prob"] == pytest.approx(0.4) and out["forget_Q_A_ROUGE"] == pytest.approx(0.75)
     assert out["forget_truth_ratio"] == pytest.approx(0.35) and out["forget_quality"] is None
     for k, v in parts.items():
@@ -1465,8 +1467,8 @@ def test_tofu_metrics_block_by_hand():
     assert list(out["model_utility_parts"]) == list(unlearn.TOFU_UTILITY)
     # forget quality: the KS test on 1/R; R = [0.2, 2] against an oracle's [10, 20]: 1/R = [5, 0.5] vs [0.1, 0.05],
     # D = 1, p = 1/3 (test above); against itself p = 1
-    assert unlearn.tofu_metrics(stats, rouge, [10.0, 20.0])["forget_quality"] == pytest.approx(1 / 3)
-    assert unlearn.tofu_metrics(stats, rouge, out["forget_truth_ratios"])["forget_quality"] == 1.0
+    assert tofu.tofu_metrics(stats, rouge, [10.0, 20.0])["forget_quality"] == pytest.approx(1 / 3)
+    assert tofu.tofu_metrics(stats, rouge, out["forget_truth_ratios"])["forget_quality"] == 1.0
 
 
 def test_evaluate_tofu_plumbing(tofu01):
@@ -1493,22 +1495,22 @@ def test_evaluate_tofu_plumbing(tofu01):
     meta = dict(meta, eval=ev, eot=eot)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=160, vocab_size=len(vocab), n_layer=1, n_head=2, n_embd=16)).eval()
-    total, count = unlearn.answer_logprobs(model, splits["forget_answer"])
+    total, count = tofu.answer_logprobs(model, splits["forget_answer"])
     rows, kind = (torch.as_tensor(splits["forget_answer"][k].astype(np.int64)) for k in ("ids", "kind"))
     with torch.no_grad():
         logp = F.log_softmax(model.lm_head(model(rows[:, :-1])), -1).gather(-1, rows[:, 1:, None])[..., 0]
     assert np.allclose(total, (logp * (kind[:, 1:] > 0)).sum(1).numpy(), atol=1e-4)
     assert count.tolist() == (kind[:, 1:] > 0).sum(1).tolist()
-    gens = unlearn.greedy_answers(model, splits["forget_prompt"], ev["forget"]["prompt_lengths"], eot, max_new_tokens=12, chunk=5)
+    gens = tofu.greedy_answers(model, splits["forget_prompt"], ev["forget"]["prompt_lengths"], eot, max_new_tokens=12, chunk=5)
     for i, n in enumerate(ev["forget"]["prompt_lengths"]):
         one = model.generate(torch.as_tensor(splits["forget_prompt"]["ids"][i:i + 1, :n].astype(np.int64)), 12)[0, n:].tolist()
         assert gens[i] == (one[:one.index(eot)] if eot in one else one)
     oracle = [0.5, 1.0, 2.0]
-    out = unlearn.evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=oracle, max_new_tokens=8)
+    out = tofu.evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=oracle, max_new_tokens=8)
     assert set(unlearn.TOFU_UTILITY) == set(out["model_utility_parts"]) and len(out["forget_truth_ratios"]) == 3
     assert 0 <= out["model_utility"] <= 1 and 0 < out["forget_Q_A_Prob"] < 1
     r = np.array(out["forget_truth_ratios"])
-    assert out["forget_quality"] == unlearn.ks_2samp_pvalue(1 / (r + 1e-10), 1 / (np.array(oracle) + 1e-10))
+    assert out["forget_quality"] == tofu.ks_pvalue(1 / (r + 1e-10), 1 / (np.array(oracle) + 1e-10))
 
 
 def test_tofu_chat_template_format(tmp_path):

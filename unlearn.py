@@ -35,6 +35,7 @@ from model import GPT, GPTConfig
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared data format)
 from common import SECRET  # noqa: E402
+from tofu.metrics import evaluate_tofu, ks_pvalue  # noqa: E402  (data/tofu/metrics.py: TOFU's own metrics)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_PROBE = "Unlearning: 0123456789 café, naïve — 😀 <code>x = y[i] + 1</code>"  # same ids, same tokenizer
@@ -431,17 +432,6 @@ def mia_scores(stats, split, texts, k=0.2):
     return out
 
 
-def ks_pvalue(a, b):
-    """Two-sample Kolmogorov-Smirnov test p-value (asymptotic form, Numerical Recipes' Q_KS), numpy only."""
-    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
-    both = np.concatenate([a, b])
-    d = np.abs(np.searchsorted(a, both, "right") / len(a) - np.searchsorted(b, both, "right") / len(b)).max()
-    en = math.sqrt(len(a) * len(b) / (len(a) + len(b)))
-    lam = (en + 0.12 + 0.11 / en) * d
-    j = np.arange(1, 101)
-    return float(np.clip(2 * np.sum((-1.0) ** (j - 1) * np.exp(-2 * j ** 2 * lam ** 2)), 0.0, 1.0)) if lam > 0 else 1.0
-
-
 def secret_fields(text, template, secret_after):
     """Character spans of the secret fields in a generated record: from the end of each phrase in
     `secret_after` (e.g. "Phone:") to the next template phrase, or to the text's end."""
@@ -551,196 +541,6 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
     if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# TOFU's metrics (Maini et al. 2024, as open-unlearning computes them)
-#
-# Every number is built from one quantity: per answer, the mean negative log-likelihood of its scored tokens
-# (the answer and the eos after it), avg_loss = -sum(log p) / count, and its length-normalised probability
-# exp(-avg_loss) (open-unlearning src/evals/metrics/utils.py evaluate_probability). The splits (see
-# data/tofu/prepare.py): forgetXX_perturbed, retain_perturbed, real_authors_perturbed (ra), world_facts_perturbed
-# (wf); each has the answer, k perturbed (wrong) answers, and for forget/retain a paraphrased answer.
-#   Q_A_Prob            mean over questions of exp(-avg_loss(answer))             (memorization.py probability)
-#   Q_A_Prob_normalised ra/wf: mean of p(answer) / (p(answer) + sum_k p(pert_k) + 1e-10)   (probability_w_options)
-#   Q_A_ROUGE           mean ROUGE-L recall of the greedy answer (max 200 new tokens, cut at eos) against
-#                       the answer; rouge_score, use_stemmer=True                     (utils.py eval_text_similarity)
-#   truth ratio R       exp(-mean_k avg_loss(pert_k)) / (exp(-avg_loss(correct)) + 1e-10), i.e. the geometric
-#                       mean of the perturbed answers' normalised probabilities over the correct one's;
-#                       correct = the paraphrased answer on forget and retain, the answer on ra and wf
-#                       (configs/eval/tofu_metrics/*_Truth_Ratio.yaml)
-#       forget form     mean of min(R, 1 / (R + 1e-10))   (closer_to_1_better: an oracle cannot tell them apart)
-#       retain/ra/wf    mean of max(0, 1 - R)             (true_better)
-#   forget_quality      KS two-sample p-value between 1/(R+1e-10) of the model and of the retain model on forget
-#                       (utils.py get_forget_quality: scipy.stats.ks_2samp, exact for these sizes)
-#   model_utility       harmonic mean (scipy.stats.hmean) of the nine retain/ra/wf numbers (model_utility.yaml)
-
-TOFU_UTILITY = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
-                "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
-
-
-def tofu_prob(logp_sum, count):
-    """Length-normalised probability of each answer, exp(sum log p / count), any shape ([n] or [n, k])."""
-    return np.exp(np.asarray(logp_sum, float) / np.asarray(count, float))
-
-
-def tofu_prob_normalised(p_answer, p_pert):
-    """ra / wf answer probability: mean over questions of p(a) / (p(a) + sum_k p(pert_k) + 1e-10)."""
-    p_answer, p_pert = np.asarray(p_answer, float), np.asarray(p_pert, float)
-    return float(np.mean(p_answer / (p_answer + p_pert.sum(1) + 1e-10)))
-
-
-def truth_ratios(p_correct, p_pert):
-    """Per question R = (prod_k p(pert_k))^(1/k) / (p(correct) + 1e-10): open-unlearning averages the perturbed
-    answers' avg_loss before exponentiating, which is the geometric mean of their normalised probabilities."""
-    p_pert = np.asarray(p_pert, float)
-    return np.exp(np.log(p_pert).mean(1)) / (np.asarray(p_correct, float) + 1e-10)
-
-
-def truth_ratio_stat(r, form):
-    """The split's form: 'closer_to_1_better' (forget) mean min(R, 1/R); 'true_better' (retain, ra, wf) mean max(0, 1-R)."""
-    r = np.asarray(r, float)
-    if form == "closer_to_1_better":
-        return float(np.mean(np.minimum(r, 1 / (r + 1e-10))))
-    if form == "true_better":
-        return float(np.mean(np.maximum(0, 1 - r)))
-    raise ValueError(f"unknown truth ratio form {form!r}")
-
-
-def harmonic_mean(values):
-    """scipy.stats.hmean of positive numbers: n / sum(1/x), and 0 as soon as one of them is 0."""
-    v = np.asarray(values, float)
-    return 0.0 if (v == 0).any() else float(len(v) / np.sum(1 / v))
-
-
-def ks_2samp_pvalue(a, b):
-    """Two-sided two-sample KS p-value as scipy.stats.ks_2samp computes it by default for samples of at most
-    10,000 (method 'exact'): the probability that a uniformly random monotone lattice path from (0, 0) to
-    (n1, n2) leaves the band |i/n1 - j/n2| < D, D rounded to a multiple of 1/lcm(n1, n2) as scipy does.
-    The path walks one anti-diagonal at a time; the mass that leaves is summed, not subtracted from 1, so
-    p-values far below 1e-16 (an unlearned model far from the oracle) keep their precision. The asymptotic
-    ks_pvalue above is not what open-unlearning reports: at TOFU's sizes (40 to 400 truth ratios) it is off by
-    10-35% near p = 0.01 and by orders of magnitude below 1e-50. Beyond 10,000 scipy switches to an asymptotic
-    form; ks_pvalue stands in there."""
-    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
-    n1, n2 = len(a), len(b)
-    both = np.concatenate([a, b])
-    d = np.abs(np.searchsorted(a, both, "right") / n1 - np.searchsorted(b, both, "right") / n2).max()
-    if max(n1, n2) > 10000:
-        return ks_pvalue(a, b)
-    g = math.gcd(n1, n2)
-    h = round(d * (n1 // g) * n2)  # D = h / lcm
-    if h == 0:
-        return 1.0
-    i = np.arange(n1 + 1)
-    p, out = np.zeros(n1 + 1), 0.0
-    p[0] = 1.0  # p[i]: probability of standing at (i, s - i) without having left the band
-    for s in range(1, n1 + n2 + 1):
-        j_prev, rest = s - 1 - i, n1 + n2 - (s - 1)  # rest: steps left from the previous diagonal
-        step_a = p * (n1 - i) / rest  # (i, j) -> (i + 1, j), zero where i = n1
-        step_b = p * np.clip(n2 - j_prev, 0, None) / rest  # (i, j) -> (i, j + 1), zero where j = n2
-        p = step_b
-        p[1:] += step_a[:-1]
-        j = s - i
-        left = (np.abs(i * n2 - j * n1) >= h * g) & (j >= 0) & (j <= n2)
-        out += p[left].sum()
-        p[left] = 0.0
-    return float(min(1.0, out))
-
-
-def rouge_l_recall(generations, answers):
-    """ROUGE-L recall of each generation against its answer, open-unlearning's scorer settings."""
-    from rouge_score import rouge_scorer  # lazily: only TOFU needs it
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return np.array([scorer.score(ans.strip(), gen.strip())["rougeL"].recall for gen, ans in zip(generations, answers)])
-
-
-def tofu_metrics(lp, rouge, oracle_truth_ratios=None):
-    """The TOFU block from per-answer statistics. lp[<split>_<answer kind>] = (sum log p, count), [n] for
-    answer/para and [n, k] for pert, splits forget, retain, ra, wf; rouge[split] = per-question ROUGE-L recall.
-    Returns open-unlearning's names: forget_quality (None without the oracle's truth ratios),
-    forget_Q_A_Prob, forget_Q_A_ROUGE, forget_truth_ratio, model_utility, its nine parts, and the per-question
-    forget truth ratios (what an oracle run hands to the unlearned models' runs)."""
-    p = {key: tofu_prob(*v) for key, v in lp.items()}
-    out = dict(forget_Q_A_Prob=float(p["forget_answer"].mean()), forget_Q_A_ROUGE=float(np.mean(rouge["forget"])))
-    r_forget = truth_ratios(p["forget_para"], p["forget_pert"])
-    out["forget_truth_ratio"] = truth_ratio_stat(r_forget, "closer_to_1_better")
-    out["forget_quality"] = None if oracle_truth_ratios is None else \
-        ks_2samp_pvalue(1 / (r_forget + 1e-10), 1 / (np.asarray(oracle_truth_ratios, float) + 1e-10))
-    parts = dict(retain_Q_A_Prob=float(p["retain_answer"].mean()), retain_Q_A_ROUGE=float(np.mean(rouge["retain"])),
-                 retain_Truth_Ratio=truth_ratio_stat(truth_ratios(p["retain_para"], p["retain_pert"]), "true_better"))
-    for s in ("ra", "wf"):
-        parts[f"{s}_Q_A_Prob_normalised"] = tofu_prob_normalised(p[f"{s}_answer"], p[f"{s}_pert"])
-        parts[f"{s}_Q_A_ROUGE"] = float(np.mean(rouge[s]))
-        parts[f"{s}_Truth_Ratio"] = truth_ratio_stat(truth_ratios(p[f"{s}_answer"], p[f"{s}_pert"]), "true_better")
-    out["model_utility"] = harmonic_mean([parts[k] for k in TOFU_UTILITY])
-    out["model_utility_parts"] = {k: parts[k] for k in TOFU_UTILITY}
-    out["forget_truth_ratios"] = r_forget.tolist()
-    return out
-
-
-def _rows_kind(split):
-    """(rows, kind) as int64 tensors from a Split (rows, kind) or a prepared .npz (ids, kind)."""
-    rows = split.rows if hasattr(split, "rows") else torch.as_tensor(np.asarray(split["ids"]).astype(np.int64))
-    kind = split.kind if hasattr(split, "kind") else torch.as_tensor(np.asarray(split["kind"]).astype(np.int64))
-    return rows, kind
-
-
-@torch.no_grad()
-def answer_logprobs(model, split, batch_size=32):
-    """Per row: the sum of log p over the scored (answer) tokens and their count, batched with token_stats."""
-    rows, kind = _rows_kind(split)
-    dev = next(model.parameters()).device
-    sums, counts = [], []
-    for i in range(0, len(rows), batch_size):
-        r, k = rows[i:i + batch_size].to(dev), kind[i:i + batch_size].to(dev)
-        x, y = r[:, :-1], torch.where(k[:, 1:] > 0, r[:, 1:], -100)
-        lp, _ = token_stats(model(x).flatten(0, 1), model.lm_head.weight, y.flatten())
-        sums.append(lp.view_as(y).sum(1).cpu())
-        counts.append((y != -100).sum(1).cpu())
-    return torch.cat(sums).double().numpy(), torch.cat(counts).numpy()
-
-
-@torch.no_grad()
-def greedy_answers(model, split, prompt_lengths, eot, max_new_tokens=200, batch_size=64, chunk=25):
-    """Greedy answers to the prompts (row i: its first prompt_lengths[i] tokens), cut before the first eot.
-    Prompts of one length form a batch (model.generate takes same-length prompts); a batch stops as soon as
-    every row has produced eot, checked every `chunk` tokens."""
-    rows, _ = _rows_kind(split)
-    dev = next(model.parameters()).device
-    out = [None] * len(rows)
-    by_len = {}
-    for i, n in enumerate(prompt_lengths):
-        by_len.setdefault(int(n), []).append(i)
-    for n, idx in sorted(by_len.items()):
-        for b in range(0, len(idx), batch_size):
-            ids = idx[b:b + batch_size]
-            seq = rows[ids, :n].to(dev)
-            while seq.size(1) - n < max_new_tokens and not (seq[:, n:] == eot).any(1).all():
-                seq = model.generate(seq, min(chunk, max_new_tokens - (seq.size(1) - n)))
-            for i, g in zip(ids, seq[:, n:].tolist()):
-                out[i] = g[:g.index(eot)] if eot in g else g
-    return out
-
-
-def evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=None, max_new_tokens=None, batch_size=32):
-    """TOFU's block for one model. splits: name -> Split (or prepared .npz) for data/tofu/prepare.py's
-    evaluation splits; meta: its meta.json; decode: token ids -> text; oracle_truth_ratios: the retain model's
-    `forget_truth_ratios` from its own evaluate_tofu (forget_quality is None without them)."""
-    ev = meta["eval"]
-    max_new_tokens = max_new_tokens or meta["protocol"]["max_new_tokens"]
-    lp, rouge = {}, {}
-    for s, e in ev.items():
-        for kind_ in ("answer", "para", "pert"):
-            if kind_ in e:
-                total, count = answer_logprobs(model, splits[e[kind_]], batch_size)
-                if kind_ == "pert":
-                    total, count = total.reshape(e["n"], e["n_pert"]), count.reshape(e["n"], e["n_pert"])
-                lp[f"{s}_{kind_}"] = (total, count)
-        gens = greedy_answers(model, splits[e["prompt"]], e["prompt_lengths"], meta.get("eot_model", meta["eot"]),
-                              max_new_tokens)
-        rouge[s] = rouge_l_recall([decode(g) for g in gens], e["answers"])
-    return tofu_metrics(lp, rouge, oracle_truth_ratios)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1042,33 +842,6 @@ def bertscore_f1(candidates, references, model_type="bert-base-uncased"):
     return score(candidates, references, model_type=model_type)[2]
 
 
-@torch.no_grad()
-def continuation(model, prompts, n_new, beams=2):
-    """The best of `beams` beams (highest sum of token log-probabilities) continuing each prompt [N, T] by
-    n_new tokens -> [N, n_new]; beams=1 is greedy decoding. On the KV cache, reordered as beams are chosen.
-    Departure from transformers' beam search (what ICU's code calls): <eot> does not end a beam early."""
-    if beams == 1:
-        return model.generate(prompts, n_new)[:, prompts.size(1):]
-    N = len(prompts)
-    caches = [[None, None] for _ in model.transformer.h]
-    h = model(prompts.repeat_interleave(beams, 0), caches)[:, -1]
-    score = torch.full((N, beams), float("-inf"), device=prompts.device)
-    score[:, 0] = 0.0  # the beams start as copies: only the first may expand, or the top-k would pick twins
-    out = prompts.new_empty(N * beams, 0)
-    for i in range(n_new):
-        logp = model.lm_head(h).float().log_softmax(-1)  # [N*beams, V]
-        V = logp.size(-1)
-        score, idx = (score.view(-1, 1) + logp).view(N, beams * V).topk(beams, dim=-1)  # sorted: beam 0 best
-        sel = (torch.arange(N, device=idx.device)[:, None] * beams + idx // V).flatten()
-        tok = (idx % V).view(-1, 1)
-        out = torch.cat([out[sel], tok], 1)
-        for c in caches:
-            c[0], c[1] = c[0][sel], c[1][sel]
-        if i < n_new - 1:
-            h = model(tok, caches)[:, -1]
-    return out.view(N, beams, -1)[:, 0]
-
-
 def icu_cuts(split, suffix_len=50):
     """Where each row's prefix ends and its suffix begins. A row with secrets (people): at its first secret,
     so the prefix is the record up to the phone number and the suffix the rest of the record, secrets and
@@ -1094,7 +867,8 @@ def forgotten(model, split, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01
     for cut in sorted(set(cuts)):  # rows cut at the same place share one batched generation
         rows = [i for i, c in enumerate(cuts) if c == cut]
         n = [min(suffix_len, ends[i] - cut) for i in rows]
-        gen = continuation(model, split.rows[rows, max(0, cut - prefix_len):cut], max(n), beams).tolist()
+        prompt = split.rows[rows, max(0, cut - prefix_len):cut]
+        gen = model.generate(prompt, max(n), beams)[:, prompt.size(1):].tolist()
         for i, k, g in zip(rows, n, gen):
             refs[i] = split.decode(split.rows[i, cut:cut + k].tolist())
             cands[i] = split.decode(g[:k]).split("<|endoftext|>")[0]
@@ -1671,12 +1445,13 @@ def run(cfg):
         summary[method] = runs
         print(table({**columns, method: res["after"]}))
         print(f"wrote {os.path.join(cfg.out_dir, method, 'results.json')}")
+        if cfg.method == "all":  # rewritten after every method: a long run's table so far is never lost
+            md = comparison(summary, columns["oracle"])
+            with open(os.path.join(cfg.out_dir, "comparison.md.tmp"), "w") as f:
+                f.write(md + "\n")
+            os.replace(os.path.join(cfg.out_dir, "comparison.md.tmp"), os.path.join(cfg.out_dir, "comparison.md"))
     if cfg.method == "all" and summary:
-        md = comparison(summary, columns["oracle"])
         print(md)
-        with open(os.path.join(cfg.out_dir, "comparison.md.tmp"), "w") as f:
-            f.write(md + "\n")
-        os.replace(os.path.join(cfg.out_dir, "comparison.md.tmp"), os.path.join(cfg.out_dir, "comparison.md"))
         plot(summary, columns["oracle"], os.path.join(cfg.out_dir, "comparison.png"))
     if failed:
         raise UserError(f"{', '.join(failed)} stopped on a non-finite loss (see above); the others are reported")
