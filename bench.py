@@ -2,14 +2,14 @@
 Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of measured figures only.
 
     python bench.py            GPT-2 shapes on a GPU (bf16)
-    python bench.py --cpu      small shapes, fp32, twins only (the default without CUDA)
+    python bench.py --cpu      small shapes, fp32, twins only (the default without CUDA); --e2e adds (c)
 
 (a) per-token loss (CE, IH, KL to a reference), forward + backward (grads of hidden and weight), .sum() as
     the upstream loss: kernel | PyTorch eager (all logits materialized) | torch.compile of the eager code |
     Liger-Kernel (CE). Time, and on a GPU the peak allocated memory.
 (m) CPU only: peak memory of the same forward + backward at N = 8192, H = 128, V = 8192, eager vs twin, as the
-    max RSS of a fresh process per case (`python bench.py --case "kl twin"`), also above a process that only
-    built the inputs; and their ratio.
+    peak RSS (VmHWM) of a fresh process per case (`python bench.py --case "kl twin (chunked)"`), also above a
+    process that only built the inputs; and their ratio.
 (f) fisher() (FILA's per-sample Fisher + norms, as unlearn.py runs it) vs one plain forward + backward of the
     mean NLL on the same batch vs the naive loop of one backward per sample, on the default model and a
     GPT-2-small-shaped one (random weights and tokens: the cost does not depend on them).
@@ -18,7 +18,8 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
     (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
 (c) end-to-end: unlearn.py's ih_flora (FILA's Fisher + unlearning loop) on the cached default target model,
     with the kernels and with the twins swapped in (on a machine without CUDA only the twins run).
-Time: median over --repeats runs after one warm-up run (which also compiles). Memory: peak GPU memory
+Time: median over --repeats runs after one warm-up run (which also compiles); (f) takes its methods in
+round robin. Memory: peak GPU memory
 allocated during one run above what was allocated before it; on the CPU, (m) only.
 """
 
@@ -156,7 +157,17 @@ def memory_case(case, N, H, V):
     if case != "inputs":
         loss, method = case.split(" ", 1)
         loss_methods(loss, hidden, weight, targets, ref_hidden, ref_weight, False)[method]().sum().backward()
-    print(json.dumps(dict(case=case, maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+    print(json.dumps(dict(case=case, maxrss_mib=peak_rss_mib())))
+
+
+def peak_rss_mib():
+    """This process's peak RSS. Linux's VmHWM belongs to the memory map made at exec; getrusage's ru_maxrss
+    (the fallback elsewhere) also counts the parent's RSS copied at fork, which bench's own parent inflates."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the twins'
@@ -283,12 +294,28 @@ def bench_fisher_models(models, dev, repeats, cuda):
                    "fisher(diag=False): norms only": lambda: unlearn.fisher(model, split, layers, batch_size=n_seq,
                                                                             diag=False),
                    "per-sample loop": lambda: per_sample_loop(model, split, layers)}
-        base = None
-        for method, f in methods.items():
-            ms = measure(f, repeats, cuda)[0]
-            base = base or ms
+        # round robin (one warm-up round, then `repeats` rounds): a load that drifts over minutes, as on a
+        # shared machine, then shifts every method alike instead of skewing their ratios
+        times = {method: [] for method in methods}
+        for _ in range(repeats + 1):
+            for method, f in methods.items():
+                times[method].append(timed(f, cuda))
+        base = statistics.median(times["forward + backward (mean NLL)"][1:])
+        for method, t in times.items():
+            ms = statistics.median(t[1:])
             row(name, f"{n_seq} x {n_tok}", method, f"{ms:.0f}", f"{ms / base:.2f}")
         del model
+
+
+def timed(fn, cuda):
+    """ms of one fn() call."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- (c) end to end
@@ -379,6 +406,8 @@ if __name__ == "__main__":
     parser.add_argument("--case", choices=MEMORY_CASES, help="(m) internal: one memory case, in a fresh process")
     parser.add_argument("--shape", default="8192,128,8192", help="(m) N,H,V")
     parser.add_argument("--models", action="store_true", help="only (d): model.py vs transformers (also part of --cpu)")
+    parser.add_argument("--e2e", action="store_true", help="(c) on the CPU too (trains the target when missing)")
+    parser.add_argument("--parts", default="a,m,f,d", help="on the CPU: which of a, m, f, d to run")
     args = parser.parse_args()
     if args.case:
         memory_case(args.case, *map(int, args.shape.split(",")))
@@ -406,9 +435,16 @@ if __name__ == "__main__":
     else:
         dev, dtype = "cpu", torch.float32
         print(f"## CPU, small shapes, twins only (Triton needs CUDA); fp32, {torch.get_num_threads()} threads")
-        bench_loss([(1024, 128, 8192)], dtype, dev, args.repeats, cuda)
-        bench_loss_memory(*map(int, args.shape.split(",")))
-        bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
-                             ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 8, 64)], dev, args.repeats, cuda)
-        bench_models(dev, dtype, 3, cuda, batch=2, seq=128)
-    bench_end_to_end(cuda, args.repeats)
+        if "a" in args.parts:
+            bench_loss([(1024, 128, 8192)], dtype, dev, args.repeats, cuda)
+        if "m" in args.parts:
+            bench_loss_memory(*map(int, args.shape.split(",")))
+        if "f" in args.parts:
+            bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
+                                 ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 4, 64)], dev, args.repeats, cuda)
+        if "d" in args.parts:
+            bench_models(dev, dtype, 3, cuda, batch=2, seq=128)
+    if cuda:
+        bench_models(dev, dtype, args.repeats, cuda)
+    if cuda or args.e2e:
+        bench_end_to_end(cuda, args.repeats)
