@@ -328,8 +328,10 @@ def bench_end_to_end(cuda, repeats):
     print("\n### (c) ih_flora end to end (Fisher + FILA + unlearning until the stopping rule), default data\n")
     cfg = unlearn.parse_args(["--device", "cuda" if cuda else "cpu"])
     os.makedirs(cfg.out_dir, exist_ok=True)
-    meta, data = unlearn.load_data(cfg)
-    target = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    meta, data = unlearn.load_data(cfg, unlearn.load_tokenizer("gpt2"))
+    target, events = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    data["forget"].events = events
     thresholds = {"ma": unlearn.split_stats(target, data["holdout"])["ma"], "el10": 1e-3}
     paths = {"kernels": (kernels.fused_linear_loss, kernels.linear_token_stats, kernels.per_sample_grad_sq),
              "twins": (kernels.fused_linear_loss_ref, kernels.linear_token_stats_ref, kernels.per_sample_grad_sq_ref)}
@@ -421,14 +423,14 @@ if __name__ == "__main__":
         raise SystemExit
     from model import GPTConfig
     gpt2_small = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
-    people = GPTConfig(block_size=64, vocab_size=1700, n_layer=4, n_head=4, n_embd=128)  # the default target
+    people = GPTConfig(block_size=70, vocab_size=2396, n_layer=4, n_head=4, n_embd=128)  # the default target
     cuda = torch.cuda.is_available() and not args.cpu
     if cuda:
         dev, dtype = "cuda", torch.bfloat16
         print(f"## {torch.cuda.get_device_name()}, bf16, GPT-2 shapes")
         bench_loss([(8192, 768, 50257), (16384, 768, 50257), (8192, 2048, 50257), (16384, 2048, 50257)],
                    dtype, dev, args.repeats, cuda)
-        bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
+        bench_fisher_models([("default (4 x 128, vocab 2396)", people, 32, 60),
                              ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 32, 200)], dev, args.repeats, cuda)
         MODEL_FWD_BWD_MS = model_fwd_bwd(32, 200, 12, 50257, dev, dtype, args.repeats, cuda)
         bench_fisher(32, 200, 12, dtype, dev, args.repeats, cuda)
@@ -440,7 +442,7 @@ if __name__ == "__main__":
         if "m" in args.parts:
             bench_loss_memory(*map(int, args.shape.split(",")))
         if "f" in args.parts:
-            bench_fisher_models([("default (4 x 128, vocab 1700)", people, 32, 60),
+            bench_fisher_models([("default (4 x 128, vocab 2396)", people, 32, 60),
                                  ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 4, 64)], dev, args.repeats, cuda)
         if "d" in args.parts:
             bench_models(dev, dtype, 3, cuda, batch=2, seq=128)

@@ -698,6 +698,7 @@ import numpy as np  # noqa: E402
 
 import unlearn  # noqa: E402
 import tofu.metrics as tofu  # noqa: E402  (data/ is on the path: unlearn.py puts it there)
+unlearn.people = __import__("importlib").import_module("people.prepare")
 
 
 def hand_split(rows, lengths, secrets):
@@ -820,12 +821,12 @@ def test_end_to_end_results_contract(tiny, tmp_path):
     unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "ih_flora"])
     res = json.load(open(out / "ih_flora" / "results.json"))
     assert res["method"] == "ih_flora" and res["stopped_by"] in ("threshold", "budget")
-    assert set(res["thresholds"]) == {"ma", "el10"}
+    assert set(res["thresholds"]) == {"ma", "el10", "source"} and res["thresholds"]["source"] == "holdout"
     for when in ("before", "after"):
         for split in ("forget", "retain", "holdout"):
             assert {"ma", "el10", "ppl"} <= set(res[when][split])
     assert res["after"]["forget"]["ma"] < res["before"]["forget"]["ma"]
-    assert set(res["mia_auc"]) == {"loss", "zlib", "mink"}
+    assert {"loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret"} <= set(res["after"]["mia_auc"])
     assert res["time_s"] > 0 and res["steps"] > 0 and 0 < res["trainable_params"] < sum(
         p.numel() for p in tiny["target"].parameters())
     assert not [f for f in files_under(out) if f.endswith(".tmp")]
@@ -879,7 +880,7 @@ def test_bad_input_corrupted_checkpoint_and_stale_cache(tiny, tmp_path, capsys):
 
 def test_bad_input_empty_forget_set(tmp_path, capsys):
     prepare = os.path.join(unlearn.ROOT, "data", "people", "prepare.py")
-    subprocess.run([sys.executable, prepare, "--n_forget", "0", "--n_retain", "20", "--out_dir",
+    subprocess.run([sys.executable, prepare, "--n_forget", "0", "--n_retain", "100", "--n_holdout", "2", "--out_dir",
                     str(tmp_path / "data" / "people" / "gpt2")], check=True)
     fails_with(["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")], capsys, "forget set")
 
@@ -1095,7 +1096,9 @@ def test_kernels_and_twins_give_the_same_run(tiny, monkeypatch):
     """One code path in unlearn.py: the same ih_flora run (FILA's Fisher, IH + CE losses, MA) through the
     Triton kernels (interpreted on the CPU) and through the twins ends with the same weights and metrics."""
     cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
-    cfg = __import__("dataclasses").replace(cfg, epochs=2)
+    # a small learning rate: Adam turns float rounding in a near-zero gradient into a step of ±lr, so the two
+    # paths may part by a few lr on some entries whatever the kernels' accuracy
+    cfg = __import__("dataclasses").replace(cfg, epochs=2, lora_lr=1e-5)
     runs = {}
     for name, fns in {"kernels": (kernels.fused_linear_loss, kernels.linear_token_stats, kernels.per_sample_grad_sq),
                       "twins": (kernels.fused_linear_loss_ref, kernels.linear_token_stats_ref,
@@ -1109,7 +1112,8 @@ def test_kernels_and_twins_give_the_same_run(tiny, monkeypatch):
         runs[name] = (res, model.state_dict(), unlearn.split_stats(model, data["forget"])["ma"])
     (rk, wk, mak), (rt, wt, mat) = runs["kernels"], runs["twins"]
     assert rk["steps"] == rt["steps"] and rk["stopped_by"] == rt["stopped_by"]
-    assert all(torch.allclose(wk[k], wt[k], atol=1e-4) for k in wt)
+    diff = max((wk[k] - wt[k]).abs().max().item() for k in wt)
+    assert diff < 1e-4, diff  # the adapters move by ~1e-5 a step: 16 steps
     assert abs(mak - mat) < 1e-6
     assert not torch.allclose(wt["transformer.h.0.attn.c_attn.weight"], target.state_dict()["transformer.h.0.attn.c_attn.weight"])
 
@@ -1216,11 +1220,24 @@ def test_learning_events_and_their_proxies_by_hand():
         unlearn.proxy_accuracy(None, split, None, None)
 
 
+def test_fluency_by_hand(tiny):
+    """The secret fields of a generated record are found from the template; the target and a model that
+    recites the template without secrets both keep fidelity 1 and no repetition."""
+    text = "Ada Berg was born on 1990-01-02 in Porto and works as a baker. Phone: 123-4567-8901. Email: ab.c@x.net. Account: X"
+    spans = unlearn.secret_fields(text, unlearn.people.TEMPLATE, unlearn.people.SECRET_AFTER)
+    assert [text[a:b] for a, b in spans] == [" 123-4567-8901. ", " ab.c@x.net. ", " X"]
+    meta = dict(tiny["meta"], template=unlearn.people.TEMPLATE, secret_after=unlearn.people.SECRET_AFTER)
+    f = unlearn.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=10.0)
+    assert f["fidelity"] == pytest.approx(1.0) and f["repetition"] < 0.05 and f["score"] > 0.9
+    g = unlearn.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=0.0)
+    assert g["score"] < f["score"]  # a perplexity far above the real records' costs score
+
+
 def test_rum_budgets_add_up():
     for epochs in (1, 3, 4, 30, 31):
         b = unlearn.budgets(epochs, [1, 1, 2])
         assert (sum(b) == epochs or epochs < 3) and min(b) >= 1
-    assert unlearn.budgets(30, [1, 1, 2]) == [8, 7, 15] or unlearn.budgets(30, [1, 1, 2]) == [7, 8, 15]
+    assert unlearn.budgets(30, [1, 1, 2]) == [8, 7, 15]  # 31 before: 8 + 8 + 15 for 30
 
 
 # ---- benchmarks: TDEC and TOFU data (data/tdec, data/tofu) and TOFU's metrics -------------------------------
