@@ -1226,7 +1226,7 @@ def test_fluency_by_hand(tiny):
     text = "Ada Berg was born on 1990-01-02 in Porto and works as a baker. Phone: 123-4567-8901. Email: ab.c@x.net. Account: X"
     spans = unlearn.secret_fields(text, unlearn.people.TEMPLATE, unlearn.people.SECRET_AFTER)
     assert [text[a:b] for a, b in spans] == [" 123-4567-8901. ", " ab.c@x.net. ", " X"]
-    meta = dict(tiny["meta"], template=unlearn.people.TEMPLATE, secret_after=unlearn.people.SECRET_AFTER)
+    meta = dict(tiny["meta"], record_template=unlearn.people.TEMPLATE, secret_after=unlearn.people.SECRET_AFTER)
     f = unlearn.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=10.0)
     assert f["fidelity"] == pytest.approx(1.0) and f["repetition"] < 0.05 and f["score"] > 0.9
     g = unlearn.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=0.0)
@@ -1481,7 +1481,7 @@ def test_tofu_metrics_block_by_hand():
     for k, v in parts.items():
         assert out["model_utility_parts"][k] == pytest.approx(v, rel=1e-8), k
     assert out["model_utility"] == pytest.approx(9 / sum(1 / v for v in parts.values()), rel=1e-8)
-    assert list(out["model_utility_parts"]) == list(unlearn.TOFU_UTILITY)
+    assert list(out["model_utility_parts"]) == list(tofu.TOFU_UTILITY)
     # forget quality: the KS test on 1/R; R = [0.2, 2] against an oracle's [10, 20]: 1/R = [5, 0.5] vs [0.1, 0.05],
     # D = 1, p = 1/3 (test above); against itself p = 1
     assert tofu.tofu_metrics(stats, rouge, [10.0, 20.0])["forget_quality"] == pytest.approx(1 / 3)
@@ -1524,7 +1524,7 @@ def test_evaluate_tofu_plumbing(tofu01):
         assert gens[i] == (one[:one.index(eot)] if eot in one else one)
     oracle = [0.5, 1.0, 2.0]
     out = tofu.evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=oracle, max_new_tokens=8)
-    assert set(unlearn.TOFU_UTILITY) == set(out["model_utility_parts"]) and len(out["forget_truth_ratios"]) == 3
+    assert set(tofu.TOFU_UTILITY) == set(out["model_utility_parts"]) and len(out["forget_truth_ratios"]) == 3
     assert 0 <= out["model_utility"] <= 1 and 0 < out["forget_Q_A_Prob"] < 1
     r = np.array(out["forget_truth_ratios"])
     assert out["forget_quality"] == tofu.ks_pvalue(1 / (r + 1e-10), 1 / (np.array(oracle) + 1e-10))

@@ -468,7 +468,7 @@ def fluency(model, judge, split, meta, real_nll=None):
                   judge's perplexity on real held-out records at the same kind of positions: text as
                   likely as real records scores 1 (without a judge the last factor is left out)
     A check that rewards reproducing a secret would measure memorization, not fluency."""
-    decode, template, eot = meta["decode"], meta["template"], meta["eot_model"]
+    decode, template, eot = meta["decode"], meta["record_template"], meta["eot_model"]
     prompt_len = (split.kind == common.TEXT).int().argmax(1)  # the name: up to the first template token
     out = dict(fidelity=[], repetition=[])
     nll_sum = count = 0.0
@@ -539,7 +539,7 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
                  for s in ("forget", "holdout")}
         mf, mh = (mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
         out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf if k in mh}
-    if meta.get("template"):
+    if meta.get("record_template"):
         level = real_nll(judge, data["holdout"]) if judge is not None else None
         out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}
         out["fluency"]["score"] = out["fluency"]["forget"]["score"]
