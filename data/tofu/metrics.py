@@ -163,12 +163,14 @@ def greedy_answers(model, split, prompt_lengths, eot, max_new_tokens=200, batch_
     by_len = {}
     for i, n in enumerate(prompt_lengths):
         by_len.setdefault(int(n), []).append(i)
+    context = getattr(getattr(model, "config", None), "block_size", None)  # a small from-scratch model's
     for n, idx in sorted(by_len.items()):
+        new = max_new_tokens if context is None else min(max_new_tokens, context - n)  # no more than it can see
         for b in range(0, len(idx), batch_size):
             ids = idx[b:b + batch_size]
             seq = rows[ids, :n].to(dev)
-            while seq.size(1) - n < max_new_tokens and not (seq[:, n:] == eot).any(1).all():
-                seq = model.generate(seq, min(chunk, max_new_tokens - (seq.size(1) - n)))
+            while seq.size(1) - n < new and not (seq[:, n:] == eot).any(1).all():
+                seq = model.generate(seq, min(chunk, new - (seq.size(1) - n)))
             for i, g in zip(ids, seq[:, n:].tolist()):
                 out[i] = g[:g.index(eot)] if eot in g else g
     return out
