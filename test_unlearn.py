@@ -1213,8 +1213,8 @@ def test_learning_events_and_their_proxies_by_hand():
     assert ev["entropy"].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-4)
     assert ev["accuracy"].item() == pytest.approx(3 / 5)
     split.events = {k: torch.stack([v, 3 * v]).mean(0) for k, v in ev.items()}  # two epochs, averaged
-    assert unlearn.proxy_confidence(None, split, None, None)[0] == pytest.approx(-2 * ev["confidence"].item(), rel=1e-5)
-    assert unlearn.proxy_entropy(None, split, None, None)[0] == pytest.approx(2 * ev["entropy"].item(), rel=1e-5)
+    assert unlearn.proxy_confidence(None, split, None, None)[0] == pytest.approx(2 * ev["confidence"].item(), rel=1e-5)
+    assert unlearn.proxy_entropy(None, split, None, None)[0] == pytest.approx(-2 * ev["entropy"].item(), rel=1e-5)
     split.events = None
     with pytest.raises(unlearn.UserError, match="learning events"):
         unlearn.proxy_accuracy(None, split, None, None)
