@@ -914,6 +914,14 @@ def test_bad_input_checkpoints(tmp_path, capsys):
     assert "gpt2" in err and "llama" in err
     fails_with(["--init_from", "no-such-org/no-such-model-xyz", "--out_dir", str(out)], capsys, "local folder")
     fails_with(["--init_from", str(ckpt), "--oracle_from", "gpt2", "--out_dir", str(out)], capsys, "another tokenizer")
+    short = tmp_path / "short"  # a context shorter than the records
+    bpe_checkpoint(short, "gpt2", context=16)
+    tag = unlearn.common.load(str(short)).tag
+    subprocess.run([sys.executable, os.path.join(unlearn.ROOT, "data", "people", "prepare.py"), "--tokenizer", str(short),
+                    "--n_forget", "2", "--n_retain", "40", "--n_holdout", "2", "--out_dir",
+                    str(tmp_path / "data" / "people" / tag)], check=True, capture_output=True)
+    fails_with(["--init_from", str(short), "--out_dir", str(out), "--data_dir", str(tmp_path / "data")], capsys,
+               "has a context of 16 tokens, shorter than")
     assert not out.exists()
 
 
@@ -1132,7 +1140,7 @@ def test_fila_leaves_the_function_unchanged_at_step_0(tiny):
     assert [p.requires_grad for p in model.parameters()].count(True) == 2 * len(layers)  # only A and B train
 
 
-def bpe_checkpoint(folder, family):
+def bpe_checkpoint(folder, family, context=256):
     """A random-init transformers model of `family` and a small byte-level BPE tokenizer trained on people
     records, saved to `folder`: the offline stand-in for a hub checkpoint (gpt2, a Llama...)."""
     transformers = pytest.importorskip("transformers")
@@ -1150,11 +1158,11 @@ def bpe_checkpoint(folder, family):
     torch.manual_seed(0)
     if family == "llama":
         config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                                           rope_theta=5000.0, tie_word_embeddings=False, eos_token_id=0, bos_token_id=0)
         hf = transformers.LlamaForCausalLM(config)
     else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=context, n_embd=32, n_layer=2, n_head=2,
                                                                   vocab_size=len(tok), eos_token_id=0, bos_token_id=0))
     hf.save_pretrained(folder)
     return tok
