@@ -1254,10 +1254,16 @@ def table(columns):
 
 
 def write_json(path, obj):
-    """Written whole to a temporary file, then renamed: never a half-written results.json."""
+    """Written whole to a temporary file, then renamed: never a half-written results.json. A metric a model
+    has no value for (NaN) is written as null: strict JSON, what other tools parse."""
+    def strict(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return {k: strict(v) for k, v in o.items()} if isinstance(o, dict) else \
+            [strict(v) for v in o] if isinstance(o, (list, tuple)) else o
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(strict(obj), f, indent=1, allow_nan=False)
     os.replace(path + ".tmp", path)
 
 
