@@ -43,15 +43,7 @@ def measure(fn, repeats, cuda):
     """(median ms, peak extra MiB or None) of fn(); 'OOM' as the time if it runs out of GPU memory."""
     try:
         fn()  # warm-up: Triton / torch.compile compile here
-        times = []
-        for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - t0))
+        times = [timed(fn, cuda) for _ in range(repeats)]
         mem = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
