@@ -275,7 +275,9 @@ def bench_fisher_models(models, dev, repeats, cuda):
         torch.manual_seed(0)
         model = GPT(config).to(dev)
         rows = np.random.default_rng(0).integers(0, config.vocab_size, (n_seq, n_tok + 1))
-        split = unlearn.Split(rows, [n_tok + 1] * n_seq, [[]] * n_seq, dev)
+        kind = np.ones_like(rows)
+        kind[:, 0] = 0  # every token scored but the first (a prepared row's bos)
+        split = unlearn.Split(rows, kind, dev)
         layers = model.lora_layers()
 
         def fwd_bwd():

@@ -765,7 +765,7 @@ def test_mia_auc_and_ks_by_hand():
 
 # ---- unlearn.py: the methods on a tiny memorized model ---------------------------------------------------
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--train_epochs=30", "--patience=0", "--epochs=16", "--lr=1e-3",
-        "--eul_lr=1e-1", "--eval_n=8", "--rank=4"]
+        "--lora_lr=1e-2", "--eul_lr=1e-1", "--eval_n=8", "--rank=4"]
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,12 @@ starts with: the tokenizer's BOS, or its end-of-text for GPT-2-style tokenizers 
 (end of text), `vocab_size`, `name` and `gpt2_bpe` (true when ids are GPT-2's: TDEC's samples are stored as
 GPT-2 ids and are used as they are then). `hf` is the transformers tokenizer, or None for tiktoken.
 """
+import copy
 import os
 import re
+
+import numpy as np
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPT2_EOT = 50256
@@ -91,7 +95,6 @@ def encode_segments(tok, segments):
 
 def save_split(out_dir, name, rows, eot):
     """rows: [(ids, kinds)] -> <out_dir>/<name>.npz, padded with eot (kind 0); returns the row length."""
-    import numpy as np
     L = max(len(ids) for ids, _ in rows) if rows else 1
     ids = np.full((len(rows), L), eot, dtype=np.int32)
     kind = np.zeros((len(rows), L), dtype=np.uint8)
@@ -109,3 +112,57 @@ def save_meta(out_dir, meta):
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the prepared format in memory: what unlearn.py trains and measures on
+
+
+class Split:
+    """Token rows [n, L] of one split and the kind of every position (NOT_SCORED, TEXT, FACT,
+    SECRET). x predicts y: y is the next token where it is scored, -100 elsewhere."""
+
+    def __init__(self, rows, kind, device):
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
+        self.kind = torch.as_tensor(np.asarray(kind, dtype=np.uint8), device=device)
+        self.x = self.rows[:, :-1]
+        self.y = torch.where(self.kind[:, 1:] > 0, self.rows[:, 1:], -100)
+        scored = self.kind > 0  # a row ends after its last scored token (its closing eot)
+        self.lengths = scored.shape[1] - scored.flip(1).int().argmax(1)
+        self.events = None  # the forget split: per row, the learning events of the target's training (RUM)
+        self.decode = None  # token ids -> text (load_data sets it)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def take(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        new = copy.copy(self)
+        for k in ("rows", "kind", "x", "y", "lengths"):
+            setattr(new, k, getattr(self, k)[idx.to(self.rows.device)])
+        if self.events is not None:
+            new.events = {k: v[idx] for k, v in self.events.items()}
+        return new
+
+    def secrets(self):
+        """Per row, the [start, end) spans of secret tokens (kind 3): what only memorization reproduces."""
+        out = []
+        for row in (self.kind == SECRET).int().tolist():
+            edges = np.flatnonzero(np.diff([0] + row + [0]))
+            out.append(edges.reshape(-1, 2).tolist())
+        return out
+
+
+
+
+def cat(*splits):
+    """One split made of several (forget ∪ retain is what the target model is trained on)."""
+    new = copy.copy(splits[0])
+    L = max(s.rows.size(1) for s in splits)  # splits may differ in row length
+    pad = lambda t, v, n: torch.nn.functional.pad(t, (0, n - t.size(1)), value=v)
+    new.rows = torch.cat([pad(s.rows, 0, L) for s in splits])  # any token: padding is never scored, and causal
+    new.kind = torch.cat([pad(s.kind, 0, L) for s in splits])
+    new.x, new.y = new.rows[:, :-1], torch.cat([pad(s.y, -100, L - 1) for s in splits])
+    new.lengths = torch.cat([s.lengths for s in splits])
+    new.events = None
+    return new
