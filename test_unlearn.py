@@ -843,6 +843,28 @@ def test_eul_requests_report_each_request(tiny, tmp_path):
     assert res["after"]["forget"]["ma"] < res["before"]["forget"]["ma"]
 
 
+def test_seeds_run_each_seed_on_the_same_target(tiny, tmp_path):
+    """--seeds 2: two unlearning runs (seeds 1337, 1338) on one target; results.json keeps both headlines and
+    its full record is the first seed's."""
+    import json
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny["root"] / "out", out)
+    unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "gd", "--seeds", "2", "--epochs", "2"])
+    res = json.load(open(out / "gd" / "results.json"))
+    assert [s["seed"] for s in res["seeds"]] == [1337, 1338]
+    assert res["seeds"][0]["forget MA"] == res["after"]["forget"]["ma"]
+    assert res["seeds"][0]["retain ppl"] != res["seeds"][1]["retain ppl"]  # other retain batches, another model
+
+
+def test_comparison_shows_mean_and_sample_std():
+    run = lambda ma: {"stopped_by": "threshold", "steps": 4, "time_s": 1.0, "after": {"forget": {"ma": ma}}}
+    md = unlearn.comparison({"ga": [run(0.4), run(0.6)], "gd": [run(0.5)]}, {"forget": {"ma": 0.45}})
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()}
+    assert "| threshold | 0.500 ± 0.141 | 4 ± 0 |" in rows["ga"]  # std of (0.4, 0.6) with ddof 1
+    assert "| threshold | 0.500 | 4 |" in rows["gd"] and "| - | 0.450 | - |" in rows["oracle"]
+
+
 def fails_with(argv, capsys, message, code=1):
     with pytest.raises(SystemExit) as e:
         unlearn.main(argv)
