@@ -130,31 +130,14 @@ def load_tokenizer(name):
 
 
 def load_data(cfg, tok):
-    """The dataset's splits in the prepared format, tokenized with `tok`; prepared (by data/<dataset>/prepare.py)
-    into data_dir/<dataset>/<tokenizer>[-<forget_set>]/ the first time. A from-scratch model gets a dense
+    """The dataset's splits in the prepared format, tokenized with `tok`; prepared (common.prepared runs
+    data/<dataset>/prepare.py) into data_dir/<dataset>/<tokenizer>[-<forget_set>]/ the first time. A from-scratch model gets a dense
     vocabulary of the tokens the data uses (meta["vocab"]: its ids in the tokenizer), a pretrained one the
     tokenizer's own."""
-    folder = os.path.join(cfg.data_dir, cfg.dataset, tok.tag + (f"-{cfg.forget_set}" if cfg.forget_set else ""))
-    if not os.path.exists(os.path.join(folder, "meta.json")):
-        prepare = os.path.join(ROOT, "data", cfg.dataset, "prepare.py")
-        if not os.path.exists(prepare):
-            known = sorted(d for d in os.listdir(os.path.join(ROOT, "data"))
-                           if os.path.exists(os.path.join(ROOT, "data", d, "prepare.py")))
-            raise UserError(f"dataset '{cfg.dataset}' is missing ({folder}/meta.json not found) and data/{cfg.dataset}/"
-                            f"prepare.py does not exist; known datasets: {', '.join(known)}")
-        argv = ["--tokenizer", tok.name, "--out_dir", folder] + (["--forget_set", cfg.forget_set] if cfg.forget_set else [])
-        print(f"data: preparing {folder} with {os.path.relpath(prepare, ROOT)} {' '.join(argv)}")
-        spec = importlib.util.spec_from_file_location(f"prepare_{cfg.dataset}", prepare)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        try:
-            module.main(argv)
-        except SystemExit as e:  # prepare.py's own one-line errors
-            if e.code:
-                raise UserError(str(e.code).removeprefix("error: "))
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    arrays = {name: np.load(os.path.join(folder, f"{name}.npz")) for name in meta["splits"]}
+    try:
+        folder, meta, arrays = common.prepared(cfg.data_dir, cfg.dataset, tok, cfg.forget_set)
+    except ValueError as e:
+        raise UserError(str(e))
     if cfg.init_from == "scratch":  # a dense vocabulary: a tiny model needs no embedding for unused tokens
         meta["vocab"] = np.unique(np.concatenate([a["ids"].ravel() for a in arrays.values()])).tolist()
         dense = np.zeros(max(meta["vocab"]) + 1, dtype=np.int64)

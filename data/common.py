@@ -14,6 +14,8 @@ starts with: the tokenizer's BOS, or its end-of-text for GPT-2-style tokenizers 
 GPT-2 ids and are used as they are then). `hf` is the transformers tokenizer, or None for tiktoken.
 """
 import copy
+import importlib.util
+import json
 import os
 import re
 
@@ -107,12 +109,35 @@ def save_split(out_dir, name, rows, eot):
 
 
 def save_meta(out_dir, meta):
-    import json
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
 
+
+def prepared(data_dir, dataset, tok, forget_set=""):
+    """(folder, meta, {split: arrays}) of data_dir/<dataset>/<tokenizer tag>[-<forget_set>]/, prepared there
+    first by data/<dataset>/prepare.py when missing. ValueError (one line) for what the user can fix."""
+    folder = os.path.join(data_dir, dataset, tok.tag + (f"-{forget_set}" if forget_set else ""))
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        prepare = os.path.join(HERE, dataset, "prepare.py")
+        if not os.path.exists(prepare):
+            known = sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "prepare.py")))
+            raise ValueError(f"dataset '{dataset}' is missing ({folder}/meta.json not found) and data/{dataset}/"
+                             f"prepare.py does not exist; known datasets: {', '.join(known)}")
+        argv = ["--tokenizer", tok.name, "--out_dir", folder] + (["--forget_set", forget_set] if forget_set else [])
+        print(f"data: preparing {folder} with data/{dataset}/prepare.py {' '.join(argv)}")
+        spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", prepare)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            module.main(argv)
+        except SystemExit as e:  # prepare.py's own one-line errors
+            if e.code:
+                raise ValueError(str(e.code).removeprefix("error: ")) from None
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    return folder, meta, {name: np.load(os.path.join(folder, f"{name}.npz")) for name in meta["splits"]}
 
 # ----------------------------------------------------------------------------------------------------
 # the prepared format in memory: what unlearn.py trains and measures on
