@@ -322,7 +322,6 @@ def bench_end_to_end(cuda, repeats):
     print("\n### (c) ih_flora end to end (Fisher + FILA + unlearning until the stopping rule), default data\n")
     cfg = unlearn.parse_args(["--device", "cuda" if cuda else "cpu"])
     os.makedirs(cfg.out_dir, exist_ok=True)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     meta, data = unlearn.load_data(cfg, unlearn.load_tokenizer("gpt2"))
     target, events = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
     data["forget"].events = events
