@@ -873,6 +873,15 @@ def fails_with(argv, capsys, message, code=1):
     return err
 
 
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        unlearn.main(["-h"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all(f"--{f.name}" in out for f in __import__("dataclasses").fields(unlearn.Config))
+    assert "~30% more time" in out  # the Config comments, % and all
+
+
 def test_bad_input_unknown_method(capsys):
     err = fails_with(["--method", "forget_everything"], capsys, "invalid choice", code=2)
     assert "ih_flora" in err and "rum" in err  # the valid ones are listed

@@ -89,7 +89,8 @@ class Config:
 
 
 def parse_args(argv=None):
-    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
+    helps = {k: v.replace("%", "%%")  # argparse formats help strings with %
+             for k, v in re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M)}  # the comments above
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: (print(f"error: {msg} (python unlearn.py -h lists the options)", file=sys.stderr), sys.exit(2))
