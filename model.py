@@ -83,12 +83,6 @@ class LoRALinear(nn.Linear):
             self.weight += self.delta()
             self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.delta()
-            self.merged = False
-
     def remove_lora(self):  # drop the adapter (merge() first to keep what it learned)
         self.lora_A = self.lora_B = self.lora_A0 = self.lora_B0 = None
         self.scale, self.merged = 0.0, False

@@ -486,7 +486,7 @@ def test_kv_cache_generation_equals_full_recomputation():
 
 
 @one_thread
-def test_lora_merge_unmerge_round_trip():
+def test_lora_merge_and_remove():
     model = tiny_gpt()
     x = torch.randint(0, 37, (2, 8))
     for m in model.lora_layers():
@@ -497,10 +497,15 @@ def test_lora_merge_unmerge_round_trip():
         m.merge()
     assert torch.allclose(model(x), with_adapter, atol=1e-5)
     for m in model.lora_layers():
-        m.unmerge()
-        m.remove_lora()
-    assert torch.allclose(model(x), tiny_gpt()(x), atol=1e-5)
+        m.remove_lora()  # merged: the function stays
+    assert torch.allclose(model(x), with_adapter, atol=1e-5)
     assert not torch.allclose(with_adapter, tiny_gpt()(x), atol=1e-3)
+    fresh = tiny_gpt()
+    for m in fresh.lora_layers():
+        m.add_lora(4, 8)
+        torch.nn.init.normal_(m.lora_B)
+        m.remove_lora()  # not merged: the layer as it was
+    assert torch.allclose(fresh(x), tiny_gpt()(x), atol=1e-5)
 
 
 # Real checkpoints: for each family a random transformers model saved to a folder stands in for the hub one.
