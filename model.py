@@ -7,8 +7,8 @@ A handful of GPTConfig fields choose between them; nothing else knows the family
   - forward() returns the final hidden states, not logits: the losses are computed by kernels/ straight
     from hidden states and the lm_head weight, so B*T*V logits never need to exist at once;
   - generate(): batched greedy decoding on a KV cache (extraction likelihood needs thousands of them);
-  - LoRALinear: every attention and MLP linear can carry a low-rank adapter that can be added, merged,
-    unmerged and removed; adapters_off() switches every adapter off, so the model is its own θ0 reference;
+  - LoRALinear: every attention and MLP linear can carry a low-rank adapter that can be added, merged
+    and removed; adapters_off() switches every adapter off, so the model is its own θ0 reference;
   - from_pretrained() / save_pretrained(): transformers checkpoints (safetensors) in and out, without
     instantiating transformers' own model (the weights go straight into this one).
 """
