@@ -132,9 +132,9 @@ def load_tokenizer(name):
 
 def load_data(cfg, tok):
     """The dataset's splits in the prepared format, tokenized with `tok`; prepared (common.prepared runs
-    data/<dataset>/prepare.py) into data_dir/<dataset>/<tokenizer>[-<forget_set>]/ the first time. A from-scratch model gets a dense
-    vocabulary of the tokens the data uses (meta["vocab"]: its ids in the tokenizer), a pretrained one the
-    tokenizer's own."""
+    data/<dataset>/prepare.py) into data_dir/<dataset>/<tokenizer>[-<forget_set>]/ the first time. A
+    from-scratch model gets a dense vocabulary of the tokens the data uses (meta["vocab"]: its ids in the
+    tokenizer), a pretrained one the tokenizer's own."""
     try:
         folder, meta, arrays = common.prepared(cfg.data_dir, cfg.dataset, tok, cfg.forget_set)
     except ValueError as e:
