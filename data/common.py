@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -67,6 +68,26 @@ def load(name):
     return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False),
                      lambda ids: hf.decode(ids, skip_special_tokens=False), bos, eot, len(hf), gpt2_bpe, hf)
 
+
+# ----------------------------------------------------------------------------------------------------
+# what the benchmarks' prepare.py scripts share
+
+
+def fail(msg):
+    """A prepare.py's one-line error: exit status 1, no traceback (unlearn.py reports the line as it is)."""
+    sys.exit(f"error: {msg}")
+
+
+def data_folder(here, shipped, download, use_download):
+    """(folder, source) of a benchmark's original files: the copy shipped beside its prepare.py (`shipped`
+    describes it), or with --download a fresh one written by download(dest) into <here>/downloaded/."""
+    if not use_download:
+        return here, shipped
+    folder = os.path.join(here, "downloaded")
+    try:
+        return folder, download(folder)
+    except Exception as e:
+        fail(f"download failed ({type(e).__name__}: {str(e)[:200]}); the shipped copy is used without --download")
 
 # ----------------------------------------------------------------------------------------------------
 # the prepared format every data/<name>/prepare.py writes and unlearn.py reads

@@ -34,7 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared format)
-from common import NOT_SCORED, SECRET, TEXT  # noqa: E402
+from common import NOT_SCORED, SECRET, TEXT, fail  # noqa: E402
 
 PARTS = {"preprefix": 100, "prefix": 50, "suffix": 50}  # tokens each, in order
 N_SAMPLES = 15000
@@ -85,10 +85,6 @@ METRICS = dict(
     icu_analogues="ICU: all-MiniLM-L6-v2 embeddings of each sample's last 100 tokens (prefix + suffix, decoded), "
                   "faiss L2, the nearest training sample outside the 128-sample set (datasets/data_prep.py)",
 )
-
-
-def fail(msg):
-    sys.exit(f"error: {msg}")
 
 
 def fetch(url):
@@ -164,13 +160,8 @@ def main(argv=None):
     if a.n_retain < 1:
         fail("--n_retain must be at least 1")
 
-    folder, source = HERE, "shipped copy in data/tdec/ (see PROVENANCE.md)"
-    if a.download:
-        folder = os.path.join(HERE, "downloaded")
-        try:
-            source = download(folder)
-        except Exception as e:
-            fail(f"download failed ({type(e).__name__}: {str(e)[:200]}); the shipped copy is used without --download")
+    shipped = "shipped copy in data/tdec/ (see PROVENANCE.md)"
+    folder, source = common.data_folder(HERE, shipped, download, a.download)
     samples, sets = load_samples(folder)
     source += f"; arrays md5 {TRAIN_MD5} (the challenge's)"
     try:

@@ -34,7 +34,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared format)
-from common import NOT_SCORED, TEXT  # noqa: E402
+from common import NOT_SCORED, TEXT, fail  # noqa: E402
 
 FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 ROWS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain99": 3960, "retain95": 3800,
@@ -54,10 +54,6 @@ PROTOCOL = dict(rule="fixed budget", epochs=5, lr=1e-5, weight_decay=0.01, warmu
                        "model) and FILA's TOFU runs; open-unlearning's unlearning default is 10 "
                        "(configs/experiment/unlearn/tofu/default.yaml:47): pass --epochs 10 to match it",
                 open_unlearning_unlearn_epochs=10, max_new_tokens=200, eval_batch_size=32)
-
-
-def fail(msg):
-    sys.exit(f"error: {msg}")
 
 
 def download(dest):
@@ -152,13 +148,8 @@ def main(argv=None):
     if a.template not in ("auto", "plain", "chat", "llama2-chat"):
         fail(f"unknown template '{a.template}'; valid: auto, plain, chat, llama2-chat")
     retain_set = FORGET[a.forget_set]
-    folder, source = HERE, "shipped copy in data/tofu/ (see PROVENANCE.md; reassembled, not byte-verified against the hub)"
-    if a.download:
-        folder = os.path.join(HERE, "downloaded")
-        try:
-            source = download(folder)
-        except Exception as e:
-            fail(f"download failed ({type(e).__name__}: {str(e)[:200]}); the shipped copy is used without --download")
+    shipped = "shipped copy in data/tofu/ (see PROVENANCE.md; reassembled, not byte-verified against the hub)"
+    folder, source = common.data_folder(HERE, shipped, download, a.download)
     evals = {"forget": f"{a.forget_set}_perturbed", "retain": "retain_perturbed",
              "ra": "real_authors_perturbed", "wf": "world_facts_perturbed"}
     recs = {s: read(folder, s) for s in ["full", a.forget_set, retain_set, *evals.values()]}
