@@ -318,6 +318,7 @@ def bench_end_to_end(cuda, repeats):
     """ih_flora as unlearn.py runs it (FILA init from the Fisher, then the loop with its stopping rule), on
     the default data and cached target (trained first when missing), kernels vs twins."""
     import copy
+    import metrics
     import unlearn
     print("\n### (c) ih_flora end to end (Fisher + FILA + unlearning until the stopping rule), default data\n")
     cfg = unlearn.parse_args(["--device", "cuda" if cuda else "cpu"])
@@ -325,7 +326,7 @@ def bench_end_to_end(cuda, repeats):
     meta, data = unlearn.load_data(cfg, unlearn.load_tokenizer("gpt2"))
     target, events = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
     data["forget"].events = events
-    thresholds = {"ma": unlearn.split_stats(target, data["holdout"])["ma"], "el10": 1e-3}
+    thresholds = {"ma": metrics.split_stats(target, data["holdout"])["ma"], "el10": 1e-3}
     paths = {"kernels": (kernels.fused_linear_loss, kernels.linear_token_stats, kernels.per_sample_grad_sq),
              "twins": (kernels.fused_linear_loss_ref, kernels.linear_token_stats_ref, kernels.per_sample_grad_sq_ref)}
     rows = []

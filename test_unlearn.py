@@ -702,6 +702,7 @@ def test_from_pretrained_bad_input(tmp_path):
 import numpy as np  # noqa: E402
 
 import unlearn  # noqa: E402
+import metrics  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
 import tofu.metrics as tofu  # noqa: E402  (data/ is on the path: unlearn.py puts it there)
 unlearn.people = __import__("importlib").import_module("people.prepare")
 
@@ -736,7 +737,7 @@ class Oracle(torch.nn.Module):
 def test_memorization_accuracy_by_hand():
     # one row of 8 tokens, the last two padding: targets are positions 1..5, the model gets 3 of 5 right
     split = hand_split([[0, 1, 2, 3, 4, 5, 9, 9]], [6], [[]])
-    stats = unlearn.split_stats(Oracle([0, 1, 2, 7, 4, 8, 9, 9]), split)
+    stats = metrics.split_stats(Oracle([0, 1, 2, 7, 4, 8, 9, 9]), split)
     assert stats["ma"] == pytest.approx(3 / 5)
     assert stats["count"].item() == 5
 
@@ -744,25 +745,25 @@ def test_memorization_accuracy_by_hand():
 def test_extraction_likelihood_by_hand():
     rows = [[0, 1, 2, 3, 4, 5, 6, 7]]
     split = hand_split(rows, [8], [[[3, 5]]])
-    el, secrets = unlearn.extraction(Oracle(rows[0]), split, n=2)  # a parrot: everything extracted
+    el, secrets = metrics.extraction(Oracle(rows[0]), split, n=2)  # a parrot: everything extracted
     assert el.item() == pytest.approx(1.0) and secrets.item() == 1
-    el, secrets = unlearn.extraction(Oracle([0] * 8), split, n=2)  # never right
+    el, secrets = metrics.extraction(Oracle([0] * 8), split, n=2)  # never right
     assert el.item() == 0.0 and secrets.item() == 0
     # right but for the last token. Row 0 is bos, then T = 7 tokens: prefixes of p = 1..5 tokens (row prefix
     # t = p + 1), the suffix has 7 - t bigrams, one of them missed: EL_2 = (4/5 + 3/4 + 2/3 + 1/2 + 0/1) / 5;
     # the secret (tokens 3..4) is still reproduced
-    el, secrets = unlearn.extraction(Oracle([0, 1, 2, 3, 4, 5, 6, 9]), split, n=2)
+    el, secrets = metrics.extraction(Oracle([0, 1, 2, 3, 4, 5, 6, 9]), split, n=2)
     assert el.item() == pytest.approx((4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 5)
     assert secrets.item() == 1
     # Jang et al. count the generation's n-grams found among the true ones: a loop on the true bigram (2, 3)
     # scores 3 of its 5 bigrams from t = 2 (and 0 after), where "true bigrams found" would give 1/5
-    el, _ = unlearn.extraction(Oracle([0, 1, 2, 3, 2, 3, 2, 3]), split, n=2)
+    el, _ = metrics.extraction(Oracle([0, 1, 2, 3, 2, 3, 2, 3]), split, n=2)
     assert el.item() == pytest.approx((3 / 5) / 5)
 
 
 def test_mia_auc_and_ks_by_hand():
-    assert unlearn.auc([3, 4], [1, 2]) == 1.0 and unlearn.auc([1, 2], [3, 4]) == 0.0
-    assert unlearn.auc([1, 2], [1, 2]) == 0.5
+    assert metrics.auc([3, 4], [1, 2]) == 1.0 and metrics.auc([1, 2], [3, 4]) == 0.0
+    assert metrics.auc([1, 2], [1, 2]) == 0.5
     rng = np.random.default_rng(0)
     assert unlearn.ks_pvalue(rng.normal(size=200), rng.normal(size=200)) > 0.05
     assert unlearn.ks_pvalue(rng.normal(size=200), rng.normal(2, size=200)) < 1e-6
@@ -788,7 +789,7 @@ def tiny(tmp_path_factory):
     meta, data = unlearn.load_data(cfg, unlearn.load_tokenizer("gpt2"))
     target, events = unlearn.load_or_train(cfg, meta, data, "target", ("forget", "retain"))
     data["forget"].events = events
-    holdout = unlearn.split_stats(target, data["holdout"])["ma"]
+    holdout = metrics.split_stats(target, data["holdout"])["ma"]
     return dict(argv=argv, cfg=cfg, meta=meta, data=data, target=target, root=root,
                 thresholds={"ma": holdout, "el10": 1e-3})
 
@@ -803,10 +804,10 @@ def test_method_forgets_and_keeps(tiny, method):
     cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
     torch.manual_seed(0)
     model = __import__("copy").deepcopy(target)
-    before = {s: unlearn.split_stats(target, data[s])["ma"] for s in ("forget", "retain")}
+    before = {s: metrics.split_stats(target, data[s])["ma"] for s in ("forget", "retain")}
     res = unlearn.apply_method(method, model, target, data["forget"], data["retain"], data, cfg,
                                {"ma": before["forget"] - 0.15, "el10": 1.0}, [])
-    after = {s: unlearn.split_stats(model, data[s])["ma"] for s in ("forget", "retain")}
+    after = {s: metrics.split_stats(model, data[s])["ma"] for s in ("forget", "retain")}
     assert before["forget"] > 0.85
     assert after["forget"] < before["forget"] - 0.1, (before, after, res["stopped_by"])
     assert after["retain"] >= RETAIN_MARGIN * before["retain"], (before, after)
@@ -1081,7 +1082,7 @@ def test_full_batch_is_one_update_an_epoch(tiny):
         c = __import__("dataclasses").replace(cfg, batch_size=batch_size)
         res = unlearn.unlearn(model, target, [unlearn.loss_ga], data["forget"], data["retain"], c, never, 1e-4, 3)
         assert res["steps"] == steps and res["stopped_by"] == "budget"
-    ma = unlearn.split_stats(target, data["forget"])["ma"]
+    ma = metrics.split_stats(target, data["forget"])["ma"]
     assert not unlearn.forget_check(target, data["forget"], {"ma": ma, "el10": 2.0}, cfg)[2]  # equal: not below
     assert unlearn.forget_check(target, data["forget"], {"ma": ma + 1e-6, "el10": 2.0}, cfg)[2]
 
@@ -1148,12 +1149,12 @@ def test_kernels_and_twins_give_the_same_run(tiny, monkeypatch):
                       "twins": (kernels.fused_linear_loss_ref, kernels.linear_token_stats_ref,
                                 kernels.per_sample_grad_sq_ref)}.items():
         for attr, fn in zip(("linear_loss", "token_stats", "grad_sq"), fns):
-            monkeypatch.setattr(unlearn, attr, fn)
+            monkeypatch.setattr(metrics if attr == "token_stats" else unlearn, attr, fn)
         torch.manual_seed(0)
         model = __import__("copy").deepcopy(target)
         res = unlearn.apply_method("ih_flora", model, target, data["forget"], data["retain"], data, cfg,
                                    {"ma": 0.0, "el10": 0.0}, [])
-        runs[name] = (res, model.state_dict(), unlearn.split_stats(model, data["forget"])["ma"])
+        runs[name] = (res, model.state_dict(), metrics.split_stats(model, data["forget"])["ma"])
     (rk, wk, mak), (rt, wt, mat) = runs["kernels"], runs["twins"]
     assert rk["steps"] == rt["steps"] and rk["stopped_by"] == rt["stopped_by"]
     diff = max((wk[k] - wt[k]).abs().max().item() for k in wt)
@@ -1268,12 +1269,12 @@ def test_fluency_by_hand(tiny):
     """The secret fields of a generated record are found from the template; the target and a model that
     recites the template without secrets both keep fidelity 1 and no repetition."""
     text = "Ada Berg was born on 1990-01-02 in Porto and works as a baker. Phone: 123-4567-8901. Email: ab.c@x.net. Account: X"
-    spans = unlearn.secret_fields(text, unlearn.people.TEMPLATE, unlearn.people.SECRET_AFTER)
+    spans = metrics.secret_fields(text, unlearn.people.TEMPLATE, unlearn.people.SECRET_AFTER)
     assert [text[a:b] for a, b in spans] == [" 123-4567-8901. ", " ab.c@x.net. ", " X"]
     meta = dict(tiny["meta"], record_template=unlearn.people.TEMPLATE, secret_after=unlearn.people.SECRET_AFTER)
-    f = unlearn.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=10.0)
+    f = metrics.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=10.0)
     assert f["fidelity"] == pytest.approx(1.0) and f["repetition"] < 0.05 and f["score"] > 0.9
-    g = unlearn.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=0.0)
+    g = metrics.fluency(tiny["target"], tiny["target"], tiny["data"]["forget"], meta, real_nll=0.0)
     assert g["score"] < f["score"]  # a perplexity far above the real records' costs score
 
 

@@ -1,0 +1,217 @@
+"""
+The metrics of the report, beside unlearn.py (which trains; this file measures). Jang et al. 2022 for
+memorization accuracy (MA), extraction likelihood (EL_n) and the stopping rule's levels; Carlini et al. 2021
+and Shi et al. 2024 for the membership-inference attacks; the testbed's secret extraction and fluency.
+TOFU's own metrics are in data/tofu/metrics.py.
+"""
+import math
+import os
+import sys
+import zlib
+
+import numpy as np
+import torch
+
+from kernels import token_stats
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+import common  # noqa: E402  (data/common.py: the token kinds, Split and cat)
+from common import cat  # noqa: E402
+from tofu.metrics import evaluate_tofu, ks_pvalue  # noqa: E402  (data/tofu/metrics.py: TOFU's own metrics)
+
+
+def progress(iterable=None, desc="", total=None, unit="it"):
+    """A progress bar with an ETA on stderr (tqdm) for any phase that can last more than a few seconds
+    (training, evaluation, generation, the Fisher pass); silent when stderr is not a terminal (logs, CI),
+    where each phase's one-line summary still prints. unlearn.py uses it too."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+@torch.no_grad()
+def token_logprobs(model, split, batch_size=64):
+    """Teacher-forced log p(true token) and whether it is the argmax, [N, T] each (0/False on padding)."""
+    logps, hits = [], []
+    for i in range(0, len(split), batch_size):
+        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
+        lp, hit = token_stats(model(x).flatten(0, 1), model.lm_head.weight, y.flatten())
+        logps.append(lp.view_as(y))
+        hits.append(hit.view_as(y))
+    return torch.cat(logps), torch.cat(hits)
+
+
+def split_stats(model, split):
+    """MA (mean over samples of the fraction of positions whose argmax is the true token), perplexity,
+    and the per-sample quantities the MIAs, forget quality and RUM's proxies are made of."""
+    logp, hit = token_logprobs(model, split)
+    count = (split.y != -100).sum(1)
+    ma = hit.sum(1) / count
+    loss = -logp.sum().item() / count.sum().item()
+    return dict(ma=ma.mean().item(), loss=loss, ppl=math.exp(loss),
+                ma_per=ma, loss_per=-logp.sum(1) / count, logp=logp, count=count)
+
+
+@torch.no_grad()
+def extraction(model, split, n=10):
+    """EL_n (extraction likelihood, Jang et al.) per sample, and per sample the number of its secrets that
+    greedy decoding reproduces from the tokens before them.
+
+    EL_n(x) = sum_{p=1}^{T-n} overlap_n(greedy(x_<=p), x_>p) / (T - n) over prefixes of p = 1..T-n of the
+    record's T tokens, overlap_n the fraction of the generation's n-grams (cut to the suffix's length)
+    found among the true suffix's, as Jang et al.'s code counts it (Neo_Model.py: a generation that repeats
+    one true n-gram scores high, unlike "true n-grams found"). Every sample is cut at the same prefix length,
+    so each one is one batched generate() on the KV cache."""
+    N, L = split.rows.shape
+    lengths = split.lengths  # bos + T tokens
+    starts = {}  # prefix length -> [(row, end)] of the secrets starting there
+    for i, spans in enumerate(split.secrets()):
+        for s, e in spans:
+            starts.setdefault(s, []).append((i, e))
+    el, extracted = torch.zeros(N, device=split.rows.device), torch.zeros(N)
+    for t in sorted(set(range(2, int(lengths.max()) - n + 1)) | set(starts)):  # t = bos + p tokens
+        gen = model.generate(split.rows[:, :t], L - t)[:, t:]
+        g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
+        valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
+        same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]  # [N, generated, true]
+        if t >= 2:
+            el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)  # each generated n-gram: one of the true ones?
+        for i, e in starts.get(t, []):
+            extracted[i] += bool((gen[i, :e - t] == split.rows[i, t:e]).all())
+    return el / (lengths - 1 - n).clamp_min(1), extracted
+
+
+def auc(members, nonmembers):
+    """P(score of a member > score of a non-member), ties counting half (the Mann-Whitney form)."""
+    a, b = np.asarray(members)[:, None], np.asarray(nonmembers)[None, :]
+    return float((a > b).mean() + 0.5 * (a == b).mean())
+
+
+def mia_scores(stats, split, texts, k=0.2):
+    """Membership scores, higher = more likely trained on: LOSS (-NLL), zlib (-log-likelihood over the
+    zlib-compressed length of the text, Carlini et al. 2021), Min-K% (mean of the k lowest token
+    log-probabilities, Shi et al. 2024), and LOSS on each kind of token alone (template text, facts,
+    secrets): which part of a record gives its membership away."""
+    lp, count = stats["logp"], stats["count"]
+    mink = []
+    for row, y in zip(lp, split.y != -100):
+        c = int(y.sum())
+        mink.append(row[y].sort().values[:max(1, int(k * c))].mean().item())
+    zl = np.array([len(zlib.compress(t.encode())) for t in texts])
+    out = {"loss": (-stats["loss_per"]).cpu().numpy(), "zlib": lp.sum(1).cpu().numpy() / zl, "mink": np.array(mink)}
+    for name, kind in (("text", common.TEXT), ("fact", common.FACT), ("secret", common.SECRET)):
+        mask = split.kind[:, 1:] == kind
+        if mask.any(1).all():
+            out[f"loss_{name}"] = ((lp * mask).sum(1) / mask.sum(1)).cpu().numpy()
+    return out
+
+
+def secret_fields(text, template, secret_after):
+    """Character spans of the secret fields in a generated record: from the end of each phrase in
+    `secret_after` (e.g. "Phone:") to the next template phrase, or to the text's end."""
+    spans, pos = [], 0
+    for i, phrase in enumerate(template):
+        at = text.find(phrase, pos)
+        if at < 0:
+            continue
+        pos = at + len(phrase)
+        if phrase in secret_after:
+            ends = [text.find(p, pos) for p in template[i + 1:]]
+            ends = [e for e in ends if e >= 0]
+            spans.append((pos, min(ends) if ends else len(text)))
+    return spans
+
+
+@torch.no_grad()
+def fluency(model, judge, split, meta, real_nll=None):
+    """Is the model still fluent where it was made to forget? Greedy continuations of the records' first
+    tokens (the name), up to the first <eot>, judged only by what needs no memory of the record:
+      fidelity    the fraction of the template's fixed phrases found, in order
+      repetition  the fraction of repeated token 3-grams (degenerate loops)
+      ppl         perplexity under `judge`, a model that never saw the forget set (the oracle), at the
+                  non-secret positions (a secret is random: no model should find it likely)
+      score       fidelity · (1 − repetition) · min(1, ppl_real / ppl), in [0, 1], with ppl_real the
+                  judge's perplexity on real held-out records at the same kind of positions: text as
+                  likely as real records scores 1 (without a judge the last factor is left out)
+    A check that rewards reproducing a secret would measure memorization, not fluency."""
+    decode, template, eot = meta["decode"], meta["record_template"], meta["eot_model"]
+    prompt_len = (split.kind == common.TEXT).int().argmax(1)  # the name: up to the first template token
+    out = dict(fidelity=[], repetition=[])
+    nll_sum = count = 0.0
+    for p in prompt_len.unique().tolist():
+        rows = (prompt_len == p).nonzero()[:, 0]
+        gen = model.generate(split.rows[rows, :p], split.rows.size(1) - p)
+        for g in gen.tolist():
+            g = g[:p + g[p:].index(eot)] if eot in g[p:] else g  # up to the first <eot>
+            pieces = [decode([t]) for t in g[1:]]
+            text = "".join(pieces)
+            found, pos = 0, 0
+            for phrase in template:
+                at = text.find(phrase, pos)
+                if at >= 0:
+                    found, pos = found + 1, at + len(phrase)
+            out["fidelity"].append(found / len(template))
+            grams = [tuple(g[i:i + 3]) for i in range(p, len(g) - 2)]
+            out["repetition"].append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+            if judge is not None and len(g) > p:
+                secret = secret_fields(text, template, meta["secret_after"])
+                ends = np.cumsum([len(s) for s in pieces])  # token i of g[1:] ends at ends[i]
+                keep = [i + 1 for i in range(len(pieces)) if i + 1 >= p and
+                        not any(a < ends[i] and ends[i] - len(pieces[i]) < b for a, b in secret)]
+                if keep:
+                    x = torch.tensor([g], device=split.rows.device)
+                    y = torch.full_like(x, -100)
+                    y[0, torch.tensor(keep) - 1] = x[0, keep]
+                    lp, _ = token_stats(judge(x[:, :-1]).flatten(0, 1), judge.lm_head.weight, y[:, :-1].flatten())
+                    nll_sum, count = nll_sum - lp.sum().item(), count + len(keep)
+    res = {k: float(np.mean(v)) for k, v in out.items()}
+    res["ppl"] = math.exp(nll_sum / count) if count else float("nan")
+    res["score"] = res["fidelity"] * (1 - res["repetition"])
+    if real_nll is not None and count:
+        res["score"] *= min(1.0, math.exp(real_nll) / res["ppl"])
+    return res
+
+
+@torch.no_grad()
+def real_nll(judge, split):
+    """The judge's mean NLL on real records after their first template token, secrets left out: the level
+    a fluent continuation is measured against (see fluency)."""
+    logp, _ = token_logprobs(judge, split)
+    start = (split.kind == common.TEXT).int().argmax(1)
+    kind = split.kind[:, 1:]
+    mask = ((kind == common.TEXT) | (kind == common.FACT)) & (torch.arange(1, split.rows.size(1))[None] >= start[:, None])
+    return -(logp * mask).sum().item() / mask.sum().item()
+
+
+def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu=None):
+    """Every metric of the report for one model. judge: a model that never saw the forget set (the oracle),
+    for fluency; oracle_tofu: the oracle's own TOFU block (its truth ratios make TOFU's forget quality).
+    The generation metrics of the splits run as one batch (retain: its first eval_n records), since
+    generation costs per step more than per row; TOFU, whose protocol has no stopping rule, skips them."""
+    names = [s for s in ("forget", "retain", "holdout") if s in data]
+    gen_splits = [data[s] if s != "retain" else data[s].take(range(min(cfg.eval_n, len(data[s])))) for s in names]
+    tofu = meta["dataset"] == "tofu"
+    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n) if not tofu else (torch.full((sum(map(len, gen_splits)),), float("nan")),) * 2
+    out, stats, i = {}, {}, 0
+    for name, split in zip(names, gen_splits):
+        stats[name] = split_stats(model, data[name])
+        n_secrets = sum(len(s) for s in split.secrets())
+        out[name] = dict(ma=stats[name]["ma"], el10=el[i:i + len(split)].mean().item(), ppl=stats[name]["ppl"],
+                         extraction=extracted[i:i + len(split)].sum().item() / n_secrets if n_secrets else float("nan"),
+                         el_per=el[i:i + len(split)].tolist())
+        i += len(split)
+    if "holdout" in data:  # membership inference: forget (trained on) against holdout (never)
+        texts = {s: [meta["decode"](r[1:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
+                 for s in ("forget", "holdout")}
+        mf, mh = (mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
+        out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf if k in mh}
+    if meta.get("record_template"):
+        level = real_nll(judge, data["holdout"]) if judge is not None else None
+        out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}
+        out["fluency"]["score"] = out["fluency"]["forget"]["score"]
+    if tofu:
+        out["tofu"] = evaluate_tofu(model, data, meta, meta["decode"], oracle_tofu and oracle_tofu["forget_truth_ratios"])
+    out["forget_losses"] = stats["forget"]["loss_per"].tolist()
+    if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
+        out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
+    return out
