@@ -23,17 +23,19 @@ from tofu.metrics import evaluate_tofu, ks_pvalue  # noqa: E402  (data/tofu/metr
 def progress(iterable=None, desc="", total=None, unit="it"):
     """A progress bar with an ETA on stderr (tqdm) for any phase that can last more than a few seconds
     (training, evaluation, generation, the Fisher pass); silent when stderr is not a terminal (logs, CI),
-    where each phase's one-line summary still prints. unlearn.py uses it too."""
+    where each phase's one-line summary still prints. unlearn.py uses it too. A bar shows only after a
+    second (delay) and is erased when its loop ends (leave=False), so short phases and the printed lines
+    between phases stay clean; an outer loop that prints must not hold a bar open around them."""
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+                dynamic_ncols=True, delay=1.0)
 
 
 @torch.no_grad()
 def token_logprobs(model, split, batch_size=64):
     """Teacher-forced log p(true token) and whether it is the argmax, [N, T] each (0/False on padding)."""
     logps, hits = [], []
-    for i in range(0, len(split), batch_size):
+    for i in progress(range(0, len(split), batch_size), desc="MA, perplexity", unit="batch"):
         x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
         lp, hit = token_stats(model(x).flatten(0, 1), model.lm_head.weight, y.flatten())
         logps.append(lp.view_as(y))
@@ -69,7 +71,8 @@ def extraction(model, split, n=10):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
     el, extracted = torch.zeros(N, device=split.rows.device), torch.zeros(N)
-    for t in sorted(set(range(2, int(lengths.max()) - n + 1)) | set(starts)):  # t = bos + p tokens
+    prefixes = sorted(set(range(2, int(lengths.max()) - n + 1)) | set(starts))  # t = bos + p tokens
+    for t in progress(prefixes, desc=f"EL{n}", unit="prefix len"):
         gen = model.generate(split.rows[:, :t], L - t)[:, t:]
         g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
         valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
@@ -138,7 +141,7 @@ def fluency(model, judge, split, meta, real_nll=None):
     prompt_len = (split.kind == common.TEXT).int().argmax(1)  # the name: up to the first template token
     out = dict(fidelity=[], repetition=[])
     nll_sum = count = 0.0
-    for p in prompt_len.unique().tolist():
+    for p in progress(prompt_len.unique().tolist(), desc="fluency", unit="prompt len"):
         rows = (prompt_len == p).nonzero()[:, 0]
         gen = model.generate(split.rows[rows, :p], split.rows.size(1) - p)
         for g in gen.tolist():

@@ -818,13 +818,19 @@ def files_under(path):
     return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
 
 
-def test_end_to_end_results_contract(tiny, tmp_path):
-    """`python unlearn.py` on the cached tiny target: results.json holds what other tools read."""
+def test_end_to_end_results_contract(tiny, tmp_path, capsys):
+    """`python unlearn.py` on the cached tiny target: results.json holds what other tools read; the plan comes
+    before the work, the table after it; no progress bar where stderr is not a terminal."""
     import json
     import shutil
     out = tmp_path / "out"
     shutil.copytree(tiny["root"] / "out", out)
     unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "ih_flora"])
+    printed = capsys.readouterr()
+    assert printed.err == ""  # tqdm stays silent off a terminal: no bars, no carriage returns in logs
+    assert printed.out.index("plan: ih_flora") < printed.out.index("target: reusing") < printed.out.index("stopped by")
+    assert "  results: " + str(out / "ih_flora" / "results.json") in printed.out
+    assert "metric" in printed.out and "holdout level" in printed.out  # the table, with its reference column
     res = json.load(open(out / "ih_flora" / "results.json"))
     assert res["method"] == "ih_flora" and res["stopped_by"] in ("threshold", "budget")
     assert set(res["thresholds"]) == {"ma", "el10", "source"} and res["thresholds"]["source"] == "holdout"
@@ -886,6 +892,32 @@ def test_help_lists_every_option(capsys):
     assert e.value.code == 0
     assert all(f"--{f.name}" in out for f in __import__("dataclasses").fields(unlearn.Config))
     assert "~30% more time" in out  # the Config comments, % and all
+    assert "(default: )" not in out and "(default: 1337)" in out  # a default only where there is one
+    assert "design notes" not in out.lower()  # nothing the project does not contain
+
+
+def test_report_table_has_reference_and_directions():
+    """The run's final table: plain fixed-width columns (every line of the table as wide), which way is better,
+    and the reference: the oracle, else the target's holdout level for the forget rows and chance for MIA."""
+    ev = lambda ma, ppl, auc: {"forget": {"ma": ma, "el10": 0.01, "ppl": ppl}, "retain": {"ma": 0.5, "ppl": 8.0},
+                               "holdout": {"ma": 0.4, "el10": 0.002, "ppl": 9.0}, "mia_auc": {"loss": auc}}
+    res = {"stopped_by": "threshold", "steps": 12, "time_s": 3.0, "after": ev(0.39, 10.0, 0.7)}
+    rule = {"ma": 0.4, "el10": 0.002, "source": "holdout"}
+    for oracle, ref_name, ref_ma, ref_auc in ((None, "holdout level", "0.4", "0.5"),
+                                              (ev(0.35, 11.0, 0.45), "oracle", "0.35", "0.45")):
+        text = unlearn.report("ga", res, ev(0.9, 2.0, 1.0), oracle, rule)
+        lines = text.splitlines()
+        assert lines[0] == "ga: stopped by threshold after 12 steps, 3.0s"
+        assert lines[1] == "stopping rule (holdout): forget MA < 0.4000 and EL10 < 0.0020"
+        table = lines[2:-1]
+        assert table[0].split() == ["metric", "better", "before", "after"] + ref_name.split()
+        assert len({len(line) for line in table}) == 1  # aligned: plain text, not markdown
+        rows = {" ".join(line.split()[:-4]): line.split()[-4:] for line in table[1:]}  # name: better, 3 values
+        assert rows["forget MA"] == ["↓", "0.9", "0.39", ref_ma]
+        assert rows["forget perplexity"] == ["↑", "2", "10", "11" if oracle else "9"]
+        assert rows["retain perplexity"] == ["↓", "8", "8", "8" if oracle else "-"]
+        assert rows["MIA AUC loss"] == ["≈", "1", "0.7", ref_auc]
+        assert "↓ lower, ↑ higher, ≈ nearest the reference" in lines[-1]
 
 
 def test_bad_input_unknown_method(capsys):

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dat
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared data format)
 from common import Split, cat  # noqa: E402  (a split in memory: token rows and what each position holds)
 from tofu.metrics import ks_pvalue  # noqa: E402  (data/tofu/metrics.py: TOFU's own metrics)
-from metrics import evaluate, extraction, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency, the report's)
+from metrics import evaluate, extraction, progress, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_PROBE = "Unlearning: 0123456789 café, naïve — 😀 <code>x = y[i] + 1</code>"  # same ids, same tokenizer
@@ -54,9 +54,9 @@ class Config:
     method: str = "ih_flora"   # see METHODS, or "all"
     dataset: str = "people"    # people (the embedded testbed), tdec or tofu: data/<dataset>/prepare.py makes it
     data_dir: str = os.path.join(ROOT, "data")  # where the prepared datasets are cached, one folder per tokenizer
-    out_dir: str = ""          # default: out/<dataset>
+    out_dir: str = ""          # default: out/<dataset>, or out/<dataset>-<checkpoint> with --init_from
     device: str = ""           # default: cuda when present, else cpu
-    seed: int = 1337           # the same command gives the same numbers
+    seed: int = 1337           # the same command on the same machine and thread count gives the same numbers
     oracle: bool = False       # also train (or reuse) the model on retain only: exact unlearning
     # the target model: trained from scratch, or a pretrained checkpoint fine-tuned on the data (or taken as it is)
     init_from: str = "scratch" # "scratch", or a transformers checkpoint: hub id (gpt2, EleutherAI/gpt-neo-125m, ...) or folder
@@ -75,24 +75,25 @@ class Config:
     batch_size: int = 8        # forget samples a step (and as many retain samples)
     epochs: int = 30           # the budget, in passes over the forget set; the stopping rule may end it earlier
     lr: float = 3e-4           # full-weight methods (ga, gd, kl, npo, ih, icu, rum)
-    lora_lr: float = 1e-3      # adapter methods (_lora, _flora); FILA's paper: 1e-4 to 2e-4 (README: too slow here)
+    lora_lr: float = 1e-3      # adapter methods (_lora, _flora); FILA's paper: 1e-4 to 2e-4 (RESULTS.md: too slow here)
     eul_lr: float = 1e-2       # EUL's layers (more steps than LoRA: at the identity start its KL terms have zero gradient)
     rank: int = 8              # LoRA rank r; alpha = 2r (LoRA's common choice, FILA's code)
-    fila: str = "normalised"   # FILA's init: "official" (its code: ε = 1e-5, raw row weights) or "normalised" (README)
+    fila: str = "normalised"   # FILA's init: "official" (its code: ε = 1e-5, raw row weights) or "normalised" (RESULTS.md)
     npo_beta: float = 0.1      # NPO's β
     el_n: int = 10             # n of EL_n
     proxy: str = "confidence"  # rum: the memorization proxy, one of PROXIES
-    rum_plan: str = "mixed"    # rum: a loss per third (npo, ih, gd), or "neggrad+" for every third as RUM's code (README)
+    rum_plan: str = "mixed"    # rum: a loss per third (npo, ih, gd), or "neggrad+" for every third as RUM's code (RESULTS.md)
     requests: int = 1          # the forget set as K sequential deletion requests, applied one after another
     eval_n: int = 64           # retain records used for the (costly) generation metrics
     seeds: int = 1             # run each method with K unlearning seeds (seed, seed+1, ...): tables show mean ± std
 
 
 def parse_args(argv=None):
-    helps = {k: v.replace("%", "%%")  # argparse formats help strings with %
-             for k, v in re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M)}  # the comments above
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
+    for f in fields(Config):  # the default where there is one ("" means "chosen at run time": the comment says how)
+        shown = "" if f.default == "" else f" (default: {f.default})"
+        helps[f.name] = (helps.get(f.name, "") + shown).replace("%", "%%")  # argparse formats help with %
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.error = lambda msg: (print(f"error: {msg} (python unlearn.py -h lists the options)", file=sys.stderr), sys.exit(2))
     for f in fields(Config):
         if f.type is bool:  # "--oracle" alone means true
@@ -100,7 +101,7 @@ def parse_args(argv=None):
                            const=True, default=f.default, help=helps.get(f.name))
         elif f.name == "method":
             p.add_argument("--method", default=f.default, choices=METHODS + ("all",),
-                           metavar="METHOD", help="one of: " + ", ".join(METHODS + ("all",)))
+                           metavar="METHOD", help=f"one of: {', '.join(METHODS + ('all',))} (default: {f.default})")
         elif f.name == "proxy":
             p.add_argument("--proxy", default=f.default, choices=tuple(PROXIES), help=helps.get(f.name))
         elif f.name == "fila":
@@ -198,7 +199,7 @@ def train(model, data, holdout, cfg, name, watch=None):
     t0, step, best, since_best, events = time.time(), 0, (float("inf"), None, 0), 0, []
     for epoch in range(1, cfg.train_epochs + 1):
         model.train()
-        for idx in batches(len(data), cfg.train_batch, gen):
+        for idx in progress(batches(len(data), cfg.train_batch, gen), desc=f"{name} epoch {epoch}", unit="step"):
             for g in opt.param_groups:
                 g["lr"] = cfg.train_lr * min(1.0, (step + 1) / 50)
             loss = nll(model, data.take(idx))
@@ -377,7 +378,7 @@ def fisher(model, split, layers, batch_size=32, diag=True):
     fish = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in layers} if diag else None
     sq_norms = torch.zeros(len(split), device=split.rows.device)
     with torch.enable_grad():
-        for i in range(0, len(split), batch_size):
+        for i in progress(range(0, len(split), batch_size), desc="Fisher" if diag else "gradient norms", unit="batch"):
             b = split.take(range(i, min(i + batch_size, len(split))))
             # Σ_n ℓ_n with per-token weights 1/#tokens(n), known now: the loss op forms its grads in the forward
             scale = (1 / (b.y != -100).sum(1, keepdim=True)).expand_as(b.y)
@@ -405,7 +406,7 @@ def fila_init(model, forget, retain, cfg):
     cfg.fila = "official" is their code (csm9493/efficient-llm-unlearning, TOFU/forget.py lines 253-287):
     ε = 1e-5 absolute, raw w, B's rows divided by w + 1e-5. "normalised": ε = 1e-6·mean(F_r) and w scaled
     to mean 1, floored at 1e-3, so the A/B balance (and the effective step of Adam on B·A) does not depend
-    on the scale of F (README: measured on this testbed).
+    on the scale of F (RESULTS.md: measured on this testbed).
     Departures from their code, kept on purpose: F from exact per-sample squared gradients, averaged over
     samples (theirs: squared mini-batch gradients weighted by token counts, averaged over tokens,
     measure_importance.py lines 224-257; the per-sample Fisher is the one the paper defines, and the kernel
@@ -499,7 +500,7 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
         good = [p.detach().clone() for p in params]
         loss_fn = loss_fns[(epoch - 1) % len(loss_fns)]
         model.train()
-        for fi in batches(len(active), cfg.batch_size, gen):
+        for fi in progress(batches(len(active), cfg.batch_size, gen), desc=f"{name} epoch {epoch}", unit="step"):
             fi = active[fi]
             ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (len(fi),), generator=gen)
             f, r = forget.take(fi), retain.take(ri)
@@ -613,7 +614,7 @@ def forgotten(model, split, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01
     f1 [N] or None)."""
     cuts, ends = icu_cuts(split, suffix_len), (split.lengths - 1).tolist()
     refs, cands = [None] * len(split), [None] * len(split)
-    for cut in sorted(set(cuts)):  # rows cut at the same place share one batched generation
+    for cut in progress(sorted(set(cuts)), desc="ICU's test", unit="cut"):  # rows cut at one place: one generation
         rows = [i for i, c in enumerate(cuts) if c == cut]
         n = [min(suffix_len, ends[i] - cut) for i in rows]
         prompt = split.rows[rows, max(0, cut - prefix_len):cut]
@@ -762,7 +763,7 @@ def events(forget, name):
 # oriented as measured here, higher = more memorized. RUM's paper, on CIFAR, has it the other way (a sample
 # learned early and confidently is typical: low memorization). On `people` the memorized samples are the
 # canaries the target sees 8 times an epoch, and they are the confident ones: Spearman +0.68 between mean
-# confidence and the oracle - target loss gap (the paper's orientation gave -0.68; README). proxy_quality()
+# confidence and the oracle - target loss gap (the paper's orientation gave -0.68; RESULTS.md). proxy_quality()
 # checks the orientation again on every `rum` run.
 
 def proxy_confidence(target, forget, data, cfg):
@@ -985,19 +986,48 @@ def get(d, *keys):
     return d
 
 
-def table(columns):
-    """The metrics side by side, one column per evaluated model."""
-    rows = [(f"{s} {k}", (s, k)) for s in ("forget", "retain", "holdout") for k in ("ma", "el10", "ppl", "extraction")]
-    rows += [(f"MIA AUC {k}", ("mia_auc", k)) for k in ("loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret")]
-    rows += [(f"fluency {k}", ("fluency", "forget", k)) for k in ("score", "fidelity", "repetition", "ppl")]
-    rows += [("forget quality (KS p)", ("forget_quality",))]
-    rows += [(f"TOFU {k}", ("tofu", k)) for k in ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
-                                                 "forget_truth_ratio")]
-    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, keys in rows:
-        values = [get(e, *keys) for e in columns.values()]
-        if not all(math.isnan(v) for v in values):
-            lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in values) + " |")
+# the table a run prints: (row, keys into an evaluation, which way is better: ↓ lower, ↑ higher, ≈ nearest the
+# reference). The forget rows go down (perplexity up) to the reference: far past it is overshoot, not better.
+REPORT_ROWS = (
+    ("forget MA", ("forget", "ma"), "↓"), ("forget EL10", ("forget", "el10"), "↓"),
+    ("forget perplexity", ("forget", "ppl"), "↑"), ("forget secrets extracted", ("forget", "extraction"), "↓"),
+    ("retain MA", ("retain", "ma"), "↑"), ("retain perplexity", ("retain", "ppl"), "↓"),
+    ("holdout MA", ("holdout", "ma"), "↑"), ("holdout perplexity", ("holdout", "ppl"), "↓"),
+    *((f"MIA AUC {k}", ("mia_auc", k), "≈") for k in ("loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret")),
+    ("fluency score", ("fluency", "forget", "score"), "↑"), ("fluency fidelity", ("fluency", "forget", "fidelity"), "↑"),
+    ("fluency repetition", ("fluency", "forget", "repetition"), "↓"), ("fluency perplexity", ("fluency", "forget", "ppl"), "↓"),
+    ("forget quality (KS p)", ("forget_quality",), "↑"),
+    ("TOFU forget quality", ("tofu", "forget_quality"), "↑"), ("TOFU model utility", ("tofu", "model_utility"), "↑"),
+    ("TOFU forget probability", ("tofu", "forget_Q_A_Prob"), "↓"), ("TOFU forget ROUGE-L", ("tofu", "forget_Q_A_ROUGE"), "↓"),
+    ("TOFU forget truth ratio", ("tofu", "forget_truth_ratio"), "↑"))
+
+
+def report(method, res, before, oracle, thresholds, el_n=10):
+    """The run's result for a terminal: how it stopped, the rule, then plain fixed-width columns: which way is
+    better, the target before, the model after, and a reference, the level to reach: the oracle (exact
+    unlearning) where there is one, else the target's holdout level for the forget rows (unseen data) and 0.5
+    (chance) for the MIA AUCs. The markdown tables are comparison.md's (`--method all`)."""
+    after = res["after"]
+    if oracle is not None:
+        ref_name, ref = "oracle", lambda keys: get(oracle, *keys)
+    else:
+        ref_name = "holdout level"
+        ref = lambda keys: get(before, "holdout", keys[1]) if keys[0] == "forget" else 0.5 if keys[0] == "mia_auc" \
+            else float("nan")
+    cell = lambda v: "-" if math.isnan(v) else f"{v:.3g}"
+    rows = [("metric", "better", "before", "after", ref_name)]
+    for name, keys, better in REPORT_ROWS:
+        values = [get(before, *keys), get(after, *keys), ref(keys)]
+        if not all(math.isnan(v) for v in values[:2]):
+            rows.append((name, better, *map(cell, values)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [f"{method}: stopped by {res['stopped_by']} after {res['steps']} steps, {res['time_s']:.1f}s",
+             f"stopping rule ({thresholds['source']}): forget MA < {thresholds['ma']:.4f} and EL{el_n} < "
+             f"{thresholds['el10']:.4f}" if thresholds else "stopping rule: none, a fixed budget"]
+    lines += ["  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].center(widths[i]) if i == 1 else r[i].rjust(widths[i])
+                        for i in range(5)) for r in rows]
+    lines.append("better: ↓ lower, ↑ higher, ≈ nearest the reference; the forget rows down (perplexity up) to the "
+                 "reference, not past it")
     return "\n".join(lines)
 
 
@@ -1098,6 +1128,38 @@ def export(model, tok, folder):
     return folder
 
 
+def plan(cfg, meta, data):
+    """The run's plan, printed before its first long step: the target, the budget, the rule that may end it
+    sooner, and where the results go. A holdout's levels are the target's: printed once it is evaluated."""
+    rule = meta.get("protocol", {})
+    rule = rule.get("icu", rule) if cfg.method == "icu" else rule  # ICU's repository has its own MA level
+    if "ma" in rule:
+        stop = f"forget MA < {rule['ma']} and EL{cfg.el_n} < {rule['el10']} (the published levels)"
+    elif rule.get("rule") == "fixed budget":
+        stop = "none, the protocol's fixed budget"
+    elif "holdout" in data:
+        stop = f"forget MA and EL{cfg.el_n} below the target's holdout level, known once the target is evaluated"
+    else:
+        stop = "none, no holdout to measure the level of unseen data"
+    model = cfg.init_from if cfg.init_from != "scratch" else f"a {cfg.n_layer} x {cfg.n_embd} GPT from scratch"
+    if cfg.train_epochs == 0:
+        target = f"{model} as it is"
+    else:
+        target = (f"{model} trained on forget + retain, at most {cfg.train_epochs} epochs; cached in "
+                  f"{os.path.join(cfg.out_dir, 'target.pt')}, reused when its data and settings are the same")
+    lr = {"eul": cfg.eul_lr}.get(cfg.method, cfg.lora_lr if cfg.method.endswith("lora") else cfg.lr)
+    lr = f"lr {lr:g}" if cfg.method != "all" else f"lr {cfg.lr:g}, {cfg.lora_lr:g} adapters, {cfg.eul_lr:g} EUL"
+    steps = math.ceil(len(data["forget"]) / cfg.requests / cfg.batch_size)
+    where = os.path.join(cfg.out_dir, "<method>" if cfg.method == "all" else cfg.method, "results.json")
+    print(f"plan: {cfg.method} on {meta['dataset']}" + (f", {cfg.seeds} seeds" if cfg.seeds > 1 else ""))
+    print(f"  target:  {target}")
+    print(f"  budget:  {cfg.epochs} epochs of {steps} steps ({cfg.batch_size} forget + {cfg.batch_size} retain "
+          f"records a step), {lr}" + (f", {cfg.requests} requests one after another" if cfg.requests > 1 else ""))
+    print(f"  stop:    {stop}")
+    print(f"  results: {where}" + (" and the model beside it" if cfg.init_from != "scratch" else "")
+          + (f"; the table in {os.path.join(cfg.out_dir, 'comparison.md')}" if cfg.method == "all" else ""))
+
+
 def run(cfg):
     validate(cfg)
     torch.manual_seed(cfg.seed)
@@ -1106,7 +1168,8 @@ def run(cfg):
         raise UserError(f"--oracle_from {cfg.oracle_from} has another tokenizer than --init_from {cfg.init_from}: "
                         f"an oracle must speak the target's token ids")
     meta, data = load_data(cfg, tok)
-    print(f"data: {meta['dataset']} from {meta['source']}")
+    sizes = ", ".join(f"{k} {len(data[k])}" for k in ("forget", "retain", "holdout") if k in data)
+    print(f"data: {meta['dataset']} ({sizes}), {meta['source']}")
     rule = meta.get("protocol", {})
     if rule.get("rule") == "fixed budget":  # TOFU: the protocol's budgets, unless given on the command line
         defaults = Config()
@@ -1116,6 +1179,7 @@ def run(cfg):
                 print(f"--{name} {rule['epochs']}: {meta['dataset']}'s protocol ({rule['source'].split(':')[0]})")
     if cfg.requests > len(data["forget"]):
         raise UserError(f"--requests {cfg.requests} is more than the {len(data['forget'])} forget samples")
+    plan(cfg, meta, data)
     target, events = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
     data["forget"].events = events or None
     # the oracle: on request (or ready-made), and always for `all` (its last row) and `rum` (its proxies' reference)
@@ -1173,7 +1237,7 @@ def run(cfg):
             res["model_dir"] = export(model, tok, os.path.join(cfg.out_dir, method, "model"))
         write_json(os.path.join(cfg.out_dir, method, "results.json"), res)
         summary[method] = runs
-        print(table({**columns, method: res["after"]}))
+        print(report(method, res, before, columns.get("oracle"), thresholds, cfg.el_n))
         print(f"wrote {os.path.join(cfg.out_dir, method, 'results.json')}")
         if cfg.method == "all":  # rewritten after every method: a long run's table so far is never lost
             md = comparison(summary, columns["oracle"])
