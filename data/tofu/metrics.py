@@ -180,10 +180,11 @@ def evaluate_tofu(model, splits, meta, decode, oracle_truth_ratios=None, max_new
     """TOFU's block for one model. splits: name -> Split (or prepared .npz) for data/tofu/prepare.py's
     evaluation splits; meta: its meta.json; decode: token ids -> text; oracle_truth_ratios: the retain model's
     `forget_truth_ratios` from its own evaluate_tofu (forget_quality is None without them)."""
+    from metrics import progress  # the project's tqdm bar (metrics.py, which imports this file: hence here)
     ev = meta["eval"]
     max_new_tokens = max_new_tokens or meta["protocol"]["max_new_tokens"]
     lp, rouge = {}, {}
-    for s, e in ev.items():
+    for s, e in progress(ev.items(), desc="TOFU metrics", total=len(ev), unit="split"):
         for kind_ in ("answer", "para", "pert"):
             if kind_ in e:
                 total, count = answer_logprobs(model, splits[e[kind_]], batch_size)
