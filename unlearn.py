@@ -1,5 +1,5 @@
 """
-Unlearning for language models, end to end, in one file: take a model that memorized some records
+Unlearning for language models, end to end: take a model that memorized some records
 (the forget set), make it forget them while it keeps everything else (the retain set), and measure both.
 
     python unlearn.py                          # ih_flora on the embedded `people` testbed
