@@ -55,8 +55,11 @@ class GPTConfig:
 class LoRALinear(nn.Linear):
     """nn.Linear with an optional low-rank adapter (Hu et al. 2021): y = x W^T + b + s * x A^T B^T, s = alpha/r.
 
-    B starts at zero so an added adapter leaves the function unchanged; FILA passes its own A and B
-    (and has already moved W so that the sum is unchanged, see unlearn.py)."""
+    B starts at zero so an added adapter leaves the function unchanged. FILA passes its own start A0, B0 (far
+    from zero): the adapter's term is then s·(B·A − B0·A0), zero at the start, so W stays the target's own
+    weight, where FILA's code moves it to W − s·B0·A0 (the same function; ours exact in any dtype: at the start
+    the two products are the same numbers computed the same way, and adapters_off() is W itself). A and B are
+    trained: fp32 whatever W's dtype (master weights; autocast computes the term in bf16 under --dtype bfloat16)."""
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__(in_features, out_features, bias=bias)
@@ -64,23 +67,26 @@ class LoRALinear(nn.Linear):
         self.scale, self.merged, self.adapters_on = 0.0, False, True
 
     def add_lora(self, rank, alpha, A=None, B=None):
-        self.lora_A0 = self.lora_B0 = None  # a start other than B = 0 (FILA's) is kept: adapters_off() restores it
+        self.lora_A0 = self.lora_B0 = None  # a start other than B = 0 (FILA's) is kept and subtracted
+        fp32 = dict(device=self.weight.device, dtype=torch.float32)
         if A is None:  # the usual LoRA start: A random, B zero
-            A = torch.empty(rank, self.in_features, device=self.weight.device)
+            A = torch.empty(rank, self.in_features, **fp32)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            B = torch.zeros(self.out_features, rank, device=self.weight.device)
+            B = torch.zeros(self.out_features, rank, **fp32)
         else:
-            self.lora_A0, self.lora_B0 = A.detach().to(self.weight).clone(), B.detach().to(self.weight).clone()
-        self.lora_A, self.lora_B = nn.Parameter(A.to(self.weight)), nn.Parameter(B.to(self.weight))
+            self.lora_A0, self.lora_B0 = A.detach().to(**fp32).clone(), B.detach().to(**fp32).clone()
+        self.lora_A, self.lora_B = nn.Parameter(A.detach().to(**fp32).clone()), nn.Parameter(B.detach().to(**fp32).clone())
         self.scale, self.merged = alpha / rank, False
 
     def delta(self):
-        return self.scale * self.lora_B @ self.lora_A
+        """What the adapter adds to W: s·(B·A − B0·A0), fp32."""
+        d = self.lora_B @ self.lora_A
+        return self.scale * (d if self.lora_A0 is None else d - self.lora_B0 @ self.lora_A0)
 
     @torch.no_grad()
     def merge(self):  # fold the adapter into W: same function, no adapter cost at inference
         if not self.merged:
-            self.weight += self.delta()
+            self.weight.copy_(self.merged_weight())
             self.merged = True
 
     def remove_lora(self):  # drop the adapter (merge() first to keep what it learned)
@@ -95,17 +101,14 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is None:
+        if self.lora_A is None or self.merged == self.adapters_on:
             return y
-        # on: W + s·B·A, its term added unless merged into W already. Off: the layer as it was when the adapter
-        # was added, W + s·B0·A0 (B0 = 0 for plain LoRA; FILA's start, which moved W by -s·B0·A0): so that
-        # adapters_off() is the θ0 of every adapter run, without a second copy of the weights
-        if self.merged != self.adapters_on:
-            sign = 1.0 if self.adapters_on else -1.0
-            y = y + sign * self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
-        if not self.adapters_on and self.lora_A0 is not None:
-            y = y + self.scale * F.linear(F.linear(x, self.lora_A0), self.lora_B0)
-        return y
+        # on: W + s·(B·A − B0·A0), the term added unless merged into W already. Off: W as it was before the
+        # adapter (taken back out if merged): adapters_off() is the θ0 of every adapter run, without a second copy
+        term = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        if self.lora_A0 is not None:
+            term = term - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        return y + (1.0 if self.adapters_on else -1.0) * self.scale * term
 
 
 class RMSNorm(nn.Module):
@@ -381,15 +384,18 @@ class GPT(nn.Module):
             raise ValueError(f"{folder} lacks {len(wanted)} weights, e.g. {next(iter(wanted))}")
         return model.eval()
 
-    def save_pretrained(self, folder):
-        """Write a transformers checkpoint (config.json, model.safetensors in the model's dtype) to `folder`,
-        with LoRA adapters merged on the way out (the model itself is left as it is). Written to a temporary
-        folder first and renamed: never a half-written folder."""
+    def save_pretrained(self, folder, dtype=None):
+        """Write a transformers checkpoint (config.json, model.safetensors) to `folder`, with LoRA adapters merged
+        on the way out (the model itself is left as it is). In `dtype`; default the checkpoint's own (its
+        config.json's dtype: a bf16 Llama stays bf16 after an fp32-master run), else the model's. Written to
+        a temporary folder first and renamed: never a half-written folder."""
         if any(b.adapter is not None for b in self.transformer.h):
             raise ValueError("save_pretrained: the model carries EUL unlearning layers (Block.adapter), "
                              "which a transformers checkpoint has no place for")
         hf = dict(self.hf_config or gpt2_config(self.config))
-        model_type, dtype = hf["model_type"], self.lm_head.weight.dtype
+        own = hf.get("dtype") or hf.get("torch_dtype")
+        dtype = dtype or (getattr(torch, own) if own in ("float32", "bfloat16", "float16") else self.lm_head.weight.dtype)
+        model_type = hf["model_type"]
         hf["dtype"] = str(dtype).removeprefix("torch.")
         if "torch_dtype" in hf:
             hf["torch_dtype"] = hf["dtype"]

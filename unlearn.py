@@ -193,7 +193,8 @@ def train(model, data, holdout, cfg, name, watch=None):
     the records have in common, and memorizes only what it sees again and again (the forget canaries).
     Without one (TOFU, a fine-tuning protocol), cfg.train_epochs epochs.
     watch: a split whose learning events (RUM's proxies) are recorded after every epoch and averaged."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr, weight_decay=0.1, betas=(0.9, 0.98))
+    params = mixed_precision(model)
+    opt = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=0.1, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
     early = holdout is not None and cfg.patience > 0
     t0, step, best, since_best, events = time.time(), 0, (float("inf"), None, 0), 0, []
@@ -204,7 +205,7 @@ def train(model, data, holdout, cfg, name, watch=None):
                 g["lr"] = cfg.train_lr * min(1.0, (step + 1) / 50)
             loss = nll(model, data.take(idx))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -240,10 +241,34 @@ def fingerprint(cfg, meta, splits):
 
 
 def model_dtype(cfg):
+    """The run's dtype: the models' stored weights (the target, θ0, every frozen base) and the compute dtype."""
     if cfg.dtype:
         return getattr(torch, cfg.dtype)
     # bf16 halves the weights' memory where the GPU computes in it natively; fp32 on the CPU (and for the tests)
     return torch.bfloat16 if cfg.device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+
+
+# Mixed precision (Micikevicius et al. 2018), in two places: autocast(cfg) chooses the compute dtype of the whole
+# run (main() enters it once), mixed_precision(model) makes the parameters about to be trained fp32.
+
+
+def autocast(cfg):
+    """Under --dtype bfloat16, every op of the run computes in bf16 (matmuls) or fp32 (what autocast keeps
+    there), whatever the dtype of the weights; a no-op in fp32. No weight cache: the one context spans
+    optimizer steps, and a cached bf16 copy of a weight would not see them."""
+    device = cfg.device.split(":")[0]
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=model_dtype(cfg) == torch.bfloat16, cache_enabled=False)
+
+
+def mixed_precision(model):
+    """The parameters that train, in fp32: master weights, and AdamW's moments follow their dtype (16 bytes a
+    trained parameter with its gradient). bf16 weights would round away any step below 2^-8 of the weight
+    (an AdamW step of lr 5e-6 on a weight of 0.01). The frozen ones stay in the run's dtype (the LoRA and
+    EUL base, θ0). Returns the trained parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # in place: tied weights (wte = lm_head) stay one parameter
+    return params
 
 
 def pretrained(cfg, name, meta):
@@ -271,7 +296,7 @@ def load_or_train(cfg, meta, data, name, splits):
     if os.path.exists(path):
         try:
             ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
-            model = GPT(GPTConfig(**ckpt["model_args"])).to(cfg.device)
+            model = GPT(GPTConfig(**ckpt["model_args"])).to(cfg.device, model_dtype(cfg))
             model.load_state_dict(ckpt["model"])
             model.hf_config = json.loads(ckpt.get("hf_config", "null"))
         except Exception as e:  # corrupted, or from another version of this code
@@ -290,6 +315,7 @@ def load_or_train(cfg, meta, data, name, splits):
     model.checkpointing = cfg.checkpointing
     events = train(model, cat(*train_on), data.get("holdout"), cfg, name, watch=data["forget"] if name == "target" else None)
     model.checkpointing = False
+    model.to(model_dtype(cfg))  # trained with fp32 master weights, kept (and frozen from now on) in the run's dtype
     tmp = path + ".tmp"  # written whole, then renamed: never a half-written checkpoint
     torch.save({"model_args": asdict(model.config), "model": model.state_dict(), "fingerprint": fp,
                 "events": events, "hf_config": json.dumps(model.hf_config)}, tmp)
@@ -402,7 +428,9 @@ def fila_init(model, forget, retain, cfg):
     """FILA (Cha et al., ICLR 2025, Sec. 3.2, Eq. 5-6): LoRA that starts in the directions that matter for the
     forget set, the function unchanged.
         I = F_f / (F_r + ε),  w_i = sqrt(Σ_j I_ij),  U S Vᵀ = rank-r SVD of diag(w)·W,  s = α/r,
-        B = diag(1/w)·U·sqrt(S/s),  A = sqrt(S/s)·Vᵀ,  and the frozen base becomes W - s·B·A.
+        B = diag(1/w)·U·sqrt(S/s),  A = sqrt(S/s)·Vᵀ,  and the frozen base becomes W - s·B·A
+    (here kept factored: W stays the target's and the adapter adds s·(B·A − B0·A0), model.LoRALinear, so
+    that the start and adapters_off() are the target exactly, in bf16 too; their code subtracts in W).
     cfg.fila = "official" is their code (csm9493/efficient-llm-unlearning, TOFU/forget.py lines 253-287):
     ε = 1e-5 absolute, raw w, B's rows divided by w + 1e-5. "normalised": ε = 1e-6·mean(F_r) and w scaled
     to mean 1, floored at 1e-3, so the A/B balance (and the effective step of Adam on B·A) does not depend
@@ -429,8 +457,7 @@ def fila_init(model, forget, retain, cfg):
         U, S, Vh = torch.linalg.svd(w[:, None] * m.weight.float(), full_matrices=False)
         root = (S[:r] / s).sqrt()
         B, A = U[:, :r] * root * inv_w[:, None], root[:, None] * Vh[:r]
-        m.weight -= (s * B @ A).to(m.weight.dtype)
-        m.add_lora(r, alpha, A, B)
+        m.add_lora(r, alpha, A, B)  # the start B0·A0 = B·A is subtracted in the layer, W left as it is
 
 
 def add_adapters(model, adapter, forget, retain, cfg):
@@ -481,7 +508,7 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
     sample left to unlearn), steps, tokens,
     trainable_params, and forgotten_at (ICU: the first epoch each sample was forgotten, 0 = before any).
     A non-finite loss stops everything with the weights of the last epoch."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = mixed_precision(model)
     full_batch = cfg.batch_size >= len(forget)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **(dict(betas=(0.9, 0.98)) if full_batch else {}))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -801,7 +828,7 @@ def proxy_holdout(target, forget, data, cfg, epochs=5):
     """Holdout retraining: fine-tune a copy of θ0 on holdout for a few epochs (lr train_lr/10); memorized
     samples are those whose predictions move most, the symmetric KL between θ0 and the copy per token."""
     tuned = copy.deepcopy(target).train()
-    opt = torch.optim.AdamW(tuned.parameters(), lr=cfg.train_lr / 10, weight_decay=0.0)
+    opt = torch.optim.AdamW(mixed_precision(tuned), lr=cfg.train_lr / 10, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(epochs):
         for idx in batches(len(data["holdout"]), cfg.train_batch, gen):
@@ -1096,6 +1123,9 @@ def validate(cfg):
         raise UserError(f"--rum_plan must be one of {', '.join(RUM_PLANS)}, got {cfg.rum_plan}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}, but PyTorch sees no CUDA GPU here; use --device cpu")
+    if cfg.dtype == "bfloat16" and cfg.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype bfloat16, but this GPU ({torch.cuda.get_device_name()}) does not compute in bf16; "
+                        f"use --dtype float32")
 
 
 def thresholds_for(meta, before):
@@ -1222,7 +1252,8 @@ def run(cfg):
             runs.append(res)
         if not runs:
             continue
-        res = dict(runs[0], dataset=cfg.dataset, thresholds=thresholds, before=before, config=asdict(cfg))
+        res = dict(runs[0], dataset=cfg.dataset, thresholds=thresholds, before=before, config=asdict(cfg),
+                   dtype=str(model_dtype(cfg)).removeprefix("torch."))  # what ran, also where --dtype was left empty
         if cfg.seeds > 1:
             res["seeds"] = [dict(seed=cfg.seed + k, **{name: get(r, *keys) for name, keys, _ in HEADLINE})
                             for k, r in enumerate(runs)]
@@ -1263,7 +1294,9 @@ def main(argv=None):
         print(f"error: cannot write to --out_dir {cfg.out_dir}: {e.strerror}", file=sys.stderr)
         sys.exit(1)
     try:
-        return run(cfg)
+        validate(cfg)  # before autocast() reads --device and --dtype
+        with autocast(cfg):  # the compute dtype of the whole run (mixed_precision: what trains stays fp32)
+            return run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if not existed and not os.listdir(cfg.out_dir):  # leave nothing behind for a run that never started

@@ -19,7 +19,8 @@ s = Σ exp(z − m), s' = Σ exp(z' − m'), keep
 so that Σ q (z' − z) = a / s' and Σ p (z' − z) = b / s. With an upstream gradient g_t per token,
 dL/dz_t = g_t (p_t − q_t), then dL/dh = dz W and dL/dW = dzᵀ h; h' and W' get no gradient.
 
-The scheme is that of loss.py: per chunk of CHUNK tokens, z = h Wᵀ and z' = h' W'ᵀ by cuBLAS, one Triton
+The scheme is that of loss.py: per chunk of CHUNK tokens, z = h Wᵀ and z' = h' W'ᵀ by cuBLAS (fp32 logits from
+bf16 inputs, loss._logits: near θ0 the KL is made of z' − z, smaller than bf16's rounding of z), one Triton
 program per row makes the online pass and keeps lse, lse' (O(N) numbers); the backward recomputes both
 chunks and a Triton kernel overwrites z with g (p − q) in place. When the projection is shared (LoRA and
 EUL leave lm_head frozen: W = W'), [h; h'] @ Wᵀ is one matmul for both. Extra memory: two [CHUNK, V]
@@ -31,7 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .loss import HAVE_TRITON, _addmm_fp32, _check_dtypes, chunk_rows, tl, triton
+from .loss import HAVE_TRITON, _addmm_fp32, _check_dtypes, _logits as _fp32_logits, chunk_rows, tl, triton
 
 BLOCK_V = 4096  # vocabulary entries per step of the online pass (the tests shrink it to hit ragged edges)
 CHUNK = None    # tokens per chunk; None: chunk_rows(N, H, V) (the tests set it to hit ragged edges)
@@ -86,11 +87,12 @@ def _kl_grad_kernel(z_ptr, zr_ptr, z_stride, zr_stride, g_ptr, lse_ptr, lse_ref_
 # Triton path
 
 def _logits(hidden, weight, ref_hidden, ref_weight, s, e):
-    """(z, z') of tokens s:e, [e − s, V] each; one matmul when the projection is shared (ref_weight None)."""
+    """(z, z') of tokens s:e, [e − s, V] each, fp32 whatever the inputs (loss._logits: near θ0, z' − z is
+    smaller than bf16's rounding of z); one matmul when the projection is shared (ref_weight None)."""
     if ref_weight is None:
-        zz = torch.cat([hidden[s:e], ref_hidden[s:e]]) @ weight.T
+        zz = _fp32_logits(torch.cat([hidden[s:e], ref_hidden[s:e]]), weight)
         return zz[:e - s], zz[e - s:]
-    return hidden[s:e] @ weight.T, ref_hidden[s:e] @ ref_weight.T
+    return _fp32_logits(hidden[s:e], weight), _fp32_logits(ref_hidden[s:e], ref_weight)
 
 
 class _LinearKL(torch.autograd.Function):
@@ -123,10 +125,11 @@ class _LinearKL(torch.autograd.Function):
             z, zr = _logits(hidden, weight, ref_hidden, ref_weight, s, e)  # recomputed; z becomes dL/dz
             _kl_grad_kernel[(e - s,)](z, zr, z.stride(0), zr.stride(0), dkl[s:e], lse[s:e], lse_ref[s:e], V,
                                       BLOCK_V=BLOCK_V, num_warps=8)
+            dz = z.to(weight.dtype)  # fp32 until here; the matmuls take the inputs' dtype
             if dh is not None:
-                dh[s:e] = z @ weight
+                dh[s:e] = dz @ weight
             if dW is not None:
-                _addmm_fp32(dW, z.T, hidden[s:e])
+                _addmm_fp32(dW, dz.T, hidden[s:e])
         return dh, None if dW is None else dW.to(weight.dtype), None, None
 
 
@@ -154,8 +157,8 @@ def fused_linear_kl(hidden, weight, ref_hidden, ref_weight=None, symmetric=False
 # PyTorch twin: the same signature, the same chunking (checkpointed so that backward keeps memory flat)
 
 def _chunk_kl_ref(hidden, weight, ref_hidden, ref_weight, symmetric):
-    logp = (hidden @ weight.T).float().log_softmax(-1)
-    logq = (ref_hidden @ ref_weight.T).float().log_softmax(-1)
+    logp = (hidden @ weight.T).log_softmax(-1)  # fp32: fused_linear_kl_ref upcasts its inputs
+    logq = (ref_hidden @ ref_weight.T).log_softmax(-1)
     if symmetric:
         return ((logq.exp() - logp.exp()) * (logq - logp)).sum(-1)
     return (logq.exp() * (logq - logp)).sum(-1)
@@ -165,6 +168,9 @@ def fused_linear_kl_ref(hidden, weight, ref_hidden, ref_weight=None, symmetric=F
     """PyTorch twin of fused_linear_kl."""
     hidden, weight, ref_hidden, ref_weight = _args(hidden, weight, ref_hidden, ref_weight)
     ref_weight = weight.detach() if ref_weight is None else ref_weight
+    # fp32 logits from bf16 inputs (the upcast is exact; autograd casts the gradients back): rounded to bf16,
+    # logits that differ by less than their rounding would give a KL and a gradient p − q of noise
+    hidden, weight, ref_hidden, ref_weight = (t.float() for t in (hidden, weight, ref_hidden, ref_weight))
     N = hidden.shape[0]
     chunk = CHUNK or chunk_rows(N, hidden.shape[1], weight.shape[0])
     grad = torch.is_grad_enabled() and not symmetric and (hidden.requires_grad or weight.requires_grad)

@@ -26,6 +26,10 @@ and autograd keeps a softmax of the same size). The scheme is Liger-Kernel's fus
     dh_chunk = dz @ W,  dW += dzᵀ @ h_chunk.
 dW is accumulated in one fp32 [V, H] buffer across chunks, by an fp32-output matmul (no [V, H] temporary
 per chunk; on a GPU with bf16 inputs this is torch.addmm(..., out_dtype=torch.float32)).
+Precision: a chunk's logits z are fp32 whatever the inputs (bf16 in, fp32 accumulation and output, as Apple's
+Cut Cross-Entropy does; _logits). Rounded to bf16 (8 bits of mantissa) a logit of 10 moves by up to 0.03:
+more than θ and θ0 differ near the reference, where KL and its gradient p − q are made of such differences
+(kl.py). dL/dz is formed in fp32, then rounded to the inputs' dtype for the dh and dW matmuls (~0.4% an entry).
 Two ways to get gradients:
   per-token loss [N] (no `scale`): the backward recomputes z, as above, for any upstream g_t (NPO's
     sequence weights are known only in the backward). 4 matmuls per chunk: z twice, dh, dW.
@@ -33,8 +37,8 @@ Two ways to get gradients:
     is known in the forward, so dL/dz, dh and dW are formed there, as Liger does for a mean loss, and the
     backward only multiplies them by the upstream scalar. 3 matmuls per chunk; dh [N, H] and dW are held
     from the forward to the backward.
-Extra memory is O(CHUNK × V), CHUNK from chunk_rows(N, H, V). Inputs are fp32 or bf16 (asserted); bf16
-gives bf16 logits (cuBLAS accumulates in fp32); all softmax statistics are fp32. A target outside [0, V)
+Extra memory is O(CHUNK × V) (fp32), CHUNK from chunk_rows(N, H, V). Inputs are fp32 or bf16 (asserted), both of
+one dtype; all logits and softmax statistics are fp32. A target outside [0, V)
 that is not ignore_index raises ValueError (the kernel would otherwise never meet it and return loss = lse).
 
 `linear_token_stats` reuses the forward pass for evaluation: log p(target) and whether argmax == target.
@@ -71,6 +75,7 @@ def chunk_rows(N, H, V):
 def _check_dtypes(*tensors):
     for t in tensors:
         assert t.dtype in (torch.float32, torch.bfloat16), f"fp32 or bf16 inputs only, got {t.dtype}"
+    assert len({t.dtype for t in tensors}) == 1, f"inputs of one dtype, got {[t.dtype for t in tensors]}"
 
 
 def _check_targets(targets, V, ignore_index):
@@ -81,7 +86,21 @@ def _check_targets(targets, V, ignore_index):
                          f"got {targets[bad][:5].tolist()}")
 
 
-_OUT_DTYPE = [True]  # torch.addmm(..., out_dtype=) on this GPU; cleared the first time torch refuses it
+_OUT_DTYPE = [True]  # torch.mm / addmm(..., out_dtype=) on this GPU; cleared the first time torch refuses it
+
+
+def _logits(hidden, weight):
+    """hidden [rows, H] @ weight [V, H]ᵀ as fp32 logits [rows, V]. bf16 inputs: cuBLAS's bf16 matmul with fp32
+    accumulation and fp32 output (torch.mm(..., out_dtype=), CUDA only in torch 2.13); elsewhere (the Triton
+    interpreter on a CPU) the inputs upcast, which is exact and gives the same fp32 sums."""
+    if hidden.dtype == torch.float32:
+        return hidden @ weight.T
+    if hidden.is_cuda and _OUT_DTYPE[0]:
+        try:
+            return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE[0] = False
+    return hidden.float() @ weight.float().T
 
 
 def _addmm_fp32(acc, a, b):
@@ -167,7 +186,7 @@ def _online_stats(hidden, weight, targets, ignore_index, chunk, grad_scale=None,
     r = torch.empty(N, device=hidden.device, dtype=torch.int32)
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
-        z = hidden[s:e] @ weight.T
+        z = _logits(hidden[s:e], weight)
         _stats_kernel[(e - s,)](z, z.stride(0), targets[s:e], lse[s:e], zy[s:e], zr[s:e], r[s:e],
                                 V, ignore_index, BLOCK_V=BLOCK_V, num_warps=8)
         if grad_scale is not None:
@@ -176,13 +195,15 @@ def _online_stats(hidden, weight, targets, ignore_index, chunk, grad_scale=None,
 
 
 def _backward_chunk(z, hidden, weight, targets, g, lse, zy, zr, r, s, e, ih, ignore_index, dh, dW):
-    """Overwrites the chunk's logits z with g · dloss/dz, then dh[s:e] = dz W and dW += dzᵀ h (fp32)."""
+    """Overwrites the chunk's fp32 logits z with g · dloss/dz, then dh[s:e] = dz W and dW += dzᵀ h (fp32), dz
+    in the inputs' dtype for the two matmuls."""
     _grad_kernel[(e - s,)](z, z.stride(0), targets[s:e], g[s:e], lse[s:e], zy[s:e], zr[s:e], r[s:e],
                            weight.shape[0], ignore_index, IH=ih, BLOCK_V=BLOCK_V, num_warps=8)
+    dz = z.to(weight.dtype)
     if dh is not None:
-        dh[s:e] = z @ weight
+        dh[s:e] = dz @ weight
     if dW is not None:
-        _addmm_fp32(dW, z.T, hidden[s:e])
+        _addmm_fp32(dW, dz.T, hidden[s:e])
 
 
 def _token_loss(targets, lse, zy, zr, ih, ignore_index):
@@ -215,7 +236,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         dh, dW = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, hidden.shape[0])
-            z = hidden[s:e] @ weight.T  # recomputed, then turned into dL/dz in place
+            z = _logits(hidden[s:e], weight)  # recomputed, then turned into dL/dz in place
             _backward_chunk(z, hidden, weight, targets, dloss, lse, zy, zr, r, s, e, ctx.ih, ctx.ignore_index, dh, dW)
         return dh, None if dW is None else dW.to(weight.dtype), None, None, None
 
@@ -280,7 +301,7 @@ def linear_token_stats(hidden, weight, targets, ignore_index=-100):
 # PyTorch twins: the same signatures, the same chunking (checkpointed so that backward keeps memory flat)
 
 def _chunk_loss_ref(hidden, weight, targets, ih, ignore_index):
-    z = (hidden @ weight.T).float()
+    z = hidden @ weight.T  # fp32: the twins upcast their inputs (exact), as fp32 accumulation of bf16 products
     if not ih:
         return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")
     valid = targets != ignore_index
@@ -325,6 +346,7 @@ def fused_linear_loss_ref(hidden, weight, targets, loss="ce", ignore_index=-100,
     _check_dtypes(hidden, weight)
     _check_targets(targets, weight.shape[0], ignore_index)
     chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+    hidden, weight = hidden.float(), weight.float()  # fp32 logits (autograd casts the gradients back)
     if scale is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearLossScaledRef.apply(hidden, weight, targets, scale.detach().float(), loss == "ih",
                                                ignore_index, chunk)
@@ -344,9 +366,10 @@ def linear_token_stats_ref(hidden, weight, targets, ignore_index=-100):
     _check_dtypes(hidden, weight)
     _check_targets(targets, weight.shape[0], ignore_index)
     chunk = CHUNK or chunk_rows(*hidden.shape, weight.shape[0])
+    hidden, weight = hidden.float(), weight.float()  # fp32 logits
     logp, correct = [], []
     for s in range(0, hidden.shape[0], chunk):
-        z = (hidden[s:s + chunk] @ weight.T).float()
+        z = hidden[s:s + chunk] @ weight.T
         y = targets[s:s + chunk]
         valid = y != ignore_index
         lp = z.log_softmax(-1).gather(1, y.where(valid, 0)[:, None])[:, 0]
