@@ -16,6 +16,8 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
 (b) GPU only: Fisher diagonal and per-sample grad norms of GPT-2 124M's linears, 32 sequences x 200 tokens:
     kernel | torch.func vmap(grad) (all per-sample gradients materialized) | squared mini-batch gradient
     (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
+(p) mixed precision: one full-weight step (forward, mean NLL, backward, AdamW) under --dtype bfloat16 (autocast,
+    fp32 master weights: unlearn.autocast + unlearn.mixed_precision) against fp32, same model and tokens.
 (c) end-to-end: unlearn.py's ih_flora (FILA's Fisher + unlearning loop) on the cached default target model,
     with the kernels and with the twins swapped in (on a machine without CUDA only the twins run).
 Time: median over --repeats runs after one warm-up run (which also compiles); (f) takes its methods in
@@ -393,6 +395,45 @@ def bench_models(dev, dtype, repeats, cuda, batch=4, seq=256):
         row(name, f"{params:.0f}M", f"{ms['ours']:.0f}", f"{ms['hf']:.0f}", f"{ms['hf'] / ms['ours']:.2f}")
         del hf, ours
 
+# ----------------------------------------------------------------------------- (p) bf16 vs fp32
+
+def bench_precision(shapes, dev, repeats, cuda):
+    """Time of one full-weight step as unlearn.py takes it, under --dtype float32 and --dtype bfloat16 (the
+    model stored in bf16, its trained weights made fp32 by mixed_precision, the step under autocast), on random
+    tokens; interleaved rounds, the first a warm-up, median of the rest."""
+    import unlearn
+    from model import GPT
+    print("\n### (p) full-weight step, bf16 (autocast, fp32 master weights) vs fp32\n")
+    row("model", "batch", "fp32 (ms)", "bf16 (ms)", "bf16 / fp32")
+    row(*["---"] * 5)
+    for name, config, batch, seq in shapes:
+        steps = {}
+        for dtype in ("float32", "bfloat16"):
+            cfg = unlearn.Config(device=dev, dtype=dtype)
+            torch.manual_seed(0)
+            model = GPT(config).to(dev, getattr(torch, dtype)).train()
+            opt = torch.optim.AdamW(unlearn.mixed_precision(model), lr=1e-5)
+            idx = torch.randint(0, config.vocab_size, (batch, seq + 1), device=dev)
+            scale = torch.full((batch * seq,), 1.0 / (batch * seq), device=dev)
+
+            def step(model=model, opt=opt, cfg=cfg, idx=idx, scale=scale):
+                with unlearn.autocast(cfg):
+                    h = model(idx[:, :-1]).flatten(0, 1)
+                    loss = kernels.linear_loss(h, model.lm_head.weight, idx[:, 1:].flatten(), scale=scale)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            steps[dtype] = step
+        ms = {k: [] for k in steps}
+        for r in range(repeats + 1):  # interleaved, so that a change of load on a shared machine hits both
+            for k, step in steps.items():
+                t = timed(step, cuda)
+                if r:
+                    ms[k].append(t)
+        f32, b16 = statistics.median(ms["float32"]), statistics.median(ms["bfloat16"])
+        row(name, f"{batch} x {seq}", f"{f32:.0f}", f"{b16:.0f}", f"{b16 / f32:.2f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
@@ -403,7 +444,7 @@ if __name__ == "__main__":
     parser.add_argument("--shape", default="8192,128,8192", help="(m) N,H,V")
     parser.add_argument("--models", action="store_true", help="only (d): model.py vs transformers (also part of --cpu)")
     parser.add_argument("--e2e", action="store_true", help="(c) on the CPU too (trains the target when missing)")
-    parser.add_argument("--parts", default="a,m,f,d", help="on the CPU: which of a, m, f, d to run")
+    parser.add_argument("--parts", default="a,m,f,d,p", help="on the CPU: which of a, m, f, d, p to run")
     args = parser.parse_args()
     if args.case:
         memory_case(args.case, *map(int, args.shape.split(",")))
@@ -428,6 +469,7 @@ if __name__ == "__main__":
                              ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 32, 200)], dev, args.repeats, cuda)
         MODEL_FWD_BWD_MS = model_fwd_bwd(32, 200, 12, 50257, dev, dtype, args.repeats, cuda)
         bench_fisher(32, 200, 12, dtype, dev, args.repeats, cuda)
+        bench_precision([("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 8, 512)], dev, args.repeats, cuda)
     else:
         dev, dtype = "cpu", torch.float32
         print(f"## CPU, small shapes, twins only (Triton needs CUDA); fp32, {torch.get_num_threads()} threads")
@@ -440,6 +482,9 @@ if __name__ == "__main__":
                                  ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 4, 64)], dev, args.repeats, cuda)
         if "d" in args.parts:
             bench_models(dev, dtype, 3, cuda, batch=2, seq=128)
+        if "p" in args.parts:
+            bench_precision([("default (4 x 128, vocab 2396)", people, 32, 60),
+                             ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 2, 64)], dev, args.repeats, cuda)
     if cuda:
         bench_models(dev, dtype, args.repeats, cuda)
     if cuda or args.e2e:
