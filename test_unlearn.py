@@ -1264,8 +1264,9 @@ def test_kernels_and_twins_give_the_same_run(tiny, monkeypatch):
 
 
 def test_fila_leaves_the_function_unchanged_at_step_0(tiny):
-    """FILA moves W to W - s·B·A and starts the adapter at B·A: the outputs are those of the target, while the
-    adapter itself is far from zero (unlike plain LoRA's B = 0) and points where the forget set's Fisher is."""
+    """FILA starts the adapter at B·A and subtracts that start (W - s·B·A in FILA's code): the outputs are those
+    of the target, while the adapter itself is far from zero (unlike plain LoRA's B = 0) and points where the
+    forget set's Fisher is."""
     cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
     model = __import__("copy").deepcopy(target)
     unlearn.add_adapters(model, "flora", data["forget"], data["retain"], cfg)
