@@ -1200,8 +1200,8 @@ def test_fila_official_importance_by_hand(monkeypatch):
     for kind in ("official", "normalised"):
         layer.weight.data, layer.lora_A = W.clone(), None
         unlearn.fila_init(model, "f", "r", unlearn.Config(rank=1, fila=kind))
-        deltas[kind] = layer.delta().detach()
-        assert torch.allclose(layer.weight + deltas[kind], W, atol=1e-6)  # the function is unchanged
+        deltas[kind] = (layer.scale * layer.lora_B @ layer.lora_A).detach()  # the adapter's start s·B·A
+        assert torch.equal(layer.merged_weight(), W)  # the function is unchanged: the start is subtracted in the layer
     # official: w = sqrt(1e-5 / (1e-5 + 1e-8)) and sqrt(1e-5 / (1e-5 + 1e-6)): row 1 wins (1.2·w1 > w0);
     # the adapter is s·B·A = diag(1/(w + 1e-5))·(rank-1 part of diag(w)·W) = e1·1.2·w1/(w1 + 1e-5)·e1ᵀ
     w1 = (1e-5 / (1e-5 + 1e-6)) ** 0.5
