@@ -43,21 +43,33 @@ def token_logprobs(model, split, batch_size=64):
     return torch.cat(logps), torch.cat(hits)
 
 
+KINDS = (("text", common.TEXT), ("fact", common.FACT), ("secret", common.SECRET))
+
+
 def split_stats(model, split):
     """MA (mean over samples of the fraction of positions whose argmax is the true token), perplexity,
-    and the per-sample quantities the MIAs, forget quality and RUM's proxies are made of."""
+    and the per-sample quantities the MIAs, forget quality and RUM's proxies are made of. Per kind of token
+    the split has (by_kind: ma_secret, loss_secret, ...): MA over the samples holding it, on its tokens alone,
+    and the mean loss of its tokens; a low all-token MA can hide secrets that are still known."""
     logp, hit = token_logprobs(model, split)
     count = (split.y != -100).sum(1)
     ma = hit.sum(1) / count
     loss = -logp.sum().item() / count.sum().item()
-    return dict(ma=ma.mean().item(), loss=loss, ppl=math.exp(loss),
+    by_kind = {}
+    for name, kind in KINDS:
+        mask = split.kind[:, 1:] == kind
+        has = mask.any(1)
+        if has.any():
+            by_kind[f"ma_{name}"] = ((hit.float() * mask).sum(1)[has] / mask.sum(1)[has]).mean().item()
+            by_kind[f"loss_{name}"] = -(logp * mask).sum().item() / mask.sum().item()
+    return dict(ma=ma.mean().item(), loss=loss, ppl=math.exp(loss), by_kind=by_kind,
                 ma_per=ma, loss_per=-logp.sum(1) / count, logp=logp, count=count)
 
 
 @torch.no_grad()
 def extraction(model, split, n=10):
-    """EL_n (extraction likelihood, Jang et al.) per sample, and per sample the number of its secrets that
-    greedy decoding reproduces from the tokens before them.
+    """EL_n (extraction likelihood, Jang et al.) per sample, and per sample a list, one bool per secret in
+    the order of split.secrets(): does greedy decoding from the tokens before it reproduce it.
 
     EL_n(x) = sum_{p=1}^{T-n} overlap_n(greedy(x_<=p), x_>p) / (T - n) over prefixes of p = 1..T-n of the
     record's T tokens, overlap_n the fraction of the generation's n-grams (cut to the suffix's length)
@@ -70,17 +82,17 @@ def extraction(model, split, n=10):
     for i, spans in enumerate(split.secrets()):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
-    el, extracted = torch.zeros(N, device=split.rows.device), torch.zeros(N)
+    el, extracted = torch.zeros(N, device=split.rows.device), [[] for _ in range(N)]
     prefixes = sorted(set(range(2, int(lengths.max()) - n + 1)) | set(starts))  # t = bos + p tokens
     for t in progress(prefixes, desc=f"EL{n}", unit="prefix len"):
         gen = model.generate(split.rows[:, :t], L - t)[:, t:]
-        g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
-        valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
-        same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]  # [N, generated, true]
-        if t >= 2:
+        if 2 <= t <= L - n:  # a prefix with an n-gram left after it (a secret may start later, or at bos + 0)
+            g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
+            valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
+            same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]  # [N, generated, true]
             el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)  # each generated n-gram: one of the true ones?
         for i, e in starts.get(t, []):
-            extracted[i] += bool((gen[i, :e - t] == split.rows[i, t:e]).all())
+            extracted[i].append(bool((gen[i, :e - t] == split.rows[i, t:e]).all()))
     return el / (lengths - 1 - n).clamp_min(1), extracted
 
 
@@ -94,7 +106,7 @@ def mia_scores(stats, split, texts, k=0.2):
     """Membership scores, higher = more likely trained on: LOSS (-NLL), zlib (-log-likelihood over the
     zlib-compressed length of the text, Carlini et al. 2021), Min-K% (mean of the k lowest token
     log-probabilities, Shi et al. 2024), and LOSS on each kind of token alone (template text, facts,
-    secrets): which part of a record gives its membership away."""
+    secrets; NaN for a sample without that kind): which part of a record gives its membership away."""
     lp, count = stats["logp"], stats["count"]
     mink = []
     for row, y in zip(lp, split.y != -100):
@@ -102,10 +114,21 @@ def mia_scores(stats, split, texts, k=0.2):
         mink.append(row[y].sort().values[:max(1, int(k * c))].mean().item())
     zl = np.array([len(zlib.compress(t.encode())) for t in texts])
     out = {"loss": (-stats["loss_per"]).cpu().numpy(), "zlib": lp.sum(1).cpu().numpy() / zl, "mink": np.array(mink)}
-    for name, kind in (("text", common.TEXT), ("fact", common.FACT), ("secret", common.SECRET)):
+    for name, kind in KINDS:
         mask = split.kind[:, 1:] == kind
-        if mask.any(1).all():
-            out[f"loss_{name}"] = ((lp * mask).sum(1) / mask.sum(1)).cpu().numpy()
+        if mask.any():
+            out[f"loss_{name}"] = ((lp * mask).sum(1) / mask.sum(1)).cpu().numpy()  # 0/0: NaN
+    return out
+
+
+def secret_report(split, extracted, lines=None):
+    """One entry per secret of a split: its record (row; with your own records, the line of its file), its
+    text, and whether greedy decoding from the text before it reproduced it (extraction's second value)."""
+    out = []
+    for i, (spans, got) in enumerate(zip(split.secrets(), extracted)):
+        for (s, e), g in zip(spans, got):
+            out.append(dict(row=i, **({"line": lines[i]} if lines else {}),
+                            secret=split.decode(split.rows[i, s:e].tolist()), extracted=g))
     return out
 
 
@@ -194,20 +217,25 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
     names = [s for s in ("forget", "retain", "holdout") if s in data]
     gen_splits = [data[s] if s != "retain" else data[s].take(range(min(cfg.eval_n, len(data[s])))) for s in names]
     tofu = meta["dataset"] == "tofu"
-    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n) if not tofu else (torch.full((sum(map(len, gen_splits)),), float("nan")),) * 2
+    n = sum(map(len, gen_splits))
+    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n) if not tofu else (torch.full((n,), float("nan")), [[]] * n)
     out, stats, i = {}, {}, 0
     for name, split in zip(names, gen_splits):
         stats[name] = split_stats(model, data[name])
-        n_secrets = sum(len(s) for s in split.secrets())
+        got = extracted[i:i + len(split)]
+        n_secrets = sum(map(len, got))
         out[name] = dict(ma=stats[name]["ma"], el10=el[i:i + len(split)].mean().item(), ppl=stats[name]["ppl"],
-                         extraction=extracted[i:i + len(split)].sum().item() / n_secrets if n_secrets else float("nan"),
-                         el_per=el[i:i + len(split)].tolist())
+                         loss=stats[name]["loss"], extraction=sum(map(sum, got)) / n_secrets if n_secrets else float("nan"),
+                         el_per=el[i:i + len(split)].tolist(), **stats[name]["by_kind"])
+        if name == "forget" and n_secrets:
+            out[name]["secrets"] = secret_report(split, got, meta.get("lines", {}).get("forget"))
         i += len(split)
     if "holdout" in data:  # membership inference: forget (trained on) against holdout (never)
         texts = {s: [meta["decode"](r[1:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
                  for s in ("forget", "holdout")}
         mf, mh = (mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
-        out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf if k in mh}
+        known = lambda v: v[~np.isnan(v)]  # a per-kind score exists for the samples holding that kind
+        out["mia_auc"] = {k: auc(known(mf[k]), known(mh[k])) for k in mf if k in mh and len(known(mf[k])) and len(known(mh[k]))}
     if meta.get("record_template"):
         level = real_nll(judge, data["holdout"]) if judge is not None else None
         out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}

@@ -52,7 +52,7 @@ METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS) + ("icu", "eul", "rum")
 @dataclass
 class Config:
     method: str = "ih_flora"   # see METHODS, or "all"
-    dataset: str = "people"    # people (the embedded testbed), tdec or tofu: data/<dataset>/prepare.py makes it
+    dataset: str = "people"    # people (the embedded testbed), tdec, tofu, or a folder of your own records (data/common.py)
     data_dir: str = os.path.join(ROOT, "data")  # where the prepared datasets are cached, one folder per tokenizer
     out_dir: str = ""          # default: out/<dataset>, or out/<dataset>-<checkpoint> with --init_from
     device: str = ""           # default: cuda when present, else cpu
@@ -74,6 +74,8 @@ class Config:
     # unlearning
     batch_size: int = 8        # forget samples a step (and as many retain samples)
     epochs: int = 30           # the budget, in passes over the forget set; the stopping rule may end it earlier
+    ma_threshold: float = 0.0  # the stopping rule's forget MA level; 0: the target's MA on holdout (TDEC: published)
+    el_threshold: float = 0.0  # the stopping rule's forget EL_n level; 0: the target's on holdout (TDEC: published)
     lr: float = 3e-4           # full-weight methods (ga, gd, kl, npo, ih, icu, rum)
     lora_lr: float = 1e-3      # adapter methods (_lora, _flora); FILA's paper: 1e-4 to 2e-4 (RESULTS.md: too slow here)
     eul_lr: float = 1e-2       # EUL's layers (more steps than LoRA: at the identity start its KL terms have zero gradient)
@@ -111,7 +113,8 @@ def parse_args(argv=None):
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tag = "" if cfg.init_from == "scratch" else "-" + common.Tokenizer(cfg.init_from, *[None] * 6).tag
-    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.dataset + tag)
+    name = os.path.basename(os.path.abspath(cfg.dataset))  # a folder of your own records: out/<its name>
+    cfg.out_dir = cfg.out_dir or os.path.join("out", name + tag)
     return cfg
 
 
@@ -152,6 +155,7 @@ def load_data(cfg, tok):
     splits = {name: Split(to_model(a["ids"]), a["kind"], cfg.device) for name, a in arrays.items()}
     for split in splits.values():
         split.decode = meta["decode"]
+    meta["lengths"] = {name: split.lengths.tolist() for name, split in splits.items()}  # bos, record, eot
     if len(splits["forget"]) == 0:
         raise UserError(f"the forget set of {folder} is empty: there is nothing to unlearn")
     return meta, splits
@@ -278,10 +282,23 @@ def pretrained(cfg, name, meta):
         model = GPT.from_pretrained(name, dtype=model_dtype(cfg)).to(cfg.device)
     except ValueError as e:
         raise UserError(str(e))
-    if model.config.block_size < meta["seq_len"]:
-        raise UserError(f"{name} has a context of {model.config.block_size} tokens, shorter than the "
-                        f"{meta['seq_len']} of the data's records")
+    check_context(meta, name, model.config.block_size)
     return model
+
+
+def check_context(meta, name, limit):
+    """Records are never truncated (a truncated secret would be measured as forgotten): a model whose context
+    is shorter than a record is a mistake in the input, told with how many records and the first one (with your
+    own records: its file and line)."""
+    if limit >= meta["seq_len"]:
+        return
+    over = [(s, i, n) for s in ("forget", "retain", "holdout") for i, n in enumerate(meta["lengths"].get(s, ())) if n > limit]
+    if not over:
+        raise UserError(f"{name} has a context of {limit} tokens, shorter than the {meta['seq_len']} of the data's rows")
+    s, i, n = over[0]
+    where = os.path.join(meta["dataset"], meta["files"][s]) + f" line {meta['lines'][s][i]}" if "lines" in meta else f"{s} row {i}"
+    raise UserError(f"{name} has a context of {limit} tokens, shorter than {len(over)} record(s) (the first: {where}, "
+                    f"{n} tokens with bos and eot); records are never truncated: shorten or split them")
 
 
 def load_or_train(cfg, meta, data, name, splits):
@@ -1018,6 +1035,9 @@ def get(d, *keys):
 REPORT_ROWS = (
     ("forget MA", ("forget", "ma"), "↓"), ("forget EL10", ("forget", "el10"), "↓"),
     ("forget perplexity", ("forget", "ppl"), "↑"), ("forget secrets extracted", ("forget", "extraction"), "↓"),
+    # secret tokens alone beside all tokens: an all-token MA at the level can hide secrets still known
+    ("forget MA, secret tokens", ("forget", "ma_secret"), "↓"), ("forget loss", ("forget", "loss"), "↑"),
+    ("forget loss, secret tokens", ("forget", "loss_secret"), "↑"),
     ("retain MA", ("retain", "ma"), "↑"), ("retain perplexity", ("retain", "ppl"), "↓"),
     ("holdout MA", ("holdout", "ma"), "↑"), ("holdout perplexity", ("holdout", "ppl"), "↓"),
     *((f"MIA AUC {k}", ("mia_auc", k), "≈") for k in ("loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret")),
@@ -1117,6 +1137,11 @@ def validate(cfg):
             raise UserError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.train_epochs == 0 and cfg.init_from == "scratch":
         raise UserError("--train_epochs 0 takes a pretrained checkpoint as the target as it is: give --init_from")
+    for name in ("ma_threshold", "el_threshold"):  # MA and EL are fractions; 0 is "not given"
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
+    if bool(cfg.ma_threshold) != bool(cfg.el_threshold):
+        raise UserError("--ma_threshold and --el_threshold go together: the rule needs both levels")
     if cfg.dtype not in ("", "float32", "bfloat16"):
         raise UserError(f"--dtype must be float32 or bfloat16, got {cfg.dtype}")
     if cfg.rum_plan not in RUM_PLANS:
@@ -1128,11 +1153,14 @@ def validate(cfg):
                         f"use --dtype float32")
 
 
-def thresholds_for(meta, before):
-    """Jang et al.'s stopping rule: forget MA and EL_10 below the level of unseen data. A dataset with a
-    holdout measures that level on the target (EL_10 floored at 0.001: a small holdout can score exactly 0,
-    and one stray 10-gram would then block the rule); TDEC has none and brings the published thresholds;
-    TOFU's protocol is a fixed budget (None: no rule)."""
+def thresholds_for(meta, before, cfg):
+    """Jang et al.'s stopping rule: forget MA and EL_10 below the level of unseen data. --ma_threshold and
+    --el_threshold, when given, are the levels. Else a dataset with a holdout measures that level on the target
+    (EL_10 floored at 0.001: a small holdout can score exactly 0, and one stray 10-gram would then block the
+    rule); TDEC has none and brings the published thresholds; TOFU's protocol, and your own records without a
+    holdout.jsonl, are a fixed budget (None: no rule)."""
+    if cfg.ma_threshold:
+        return {"ma": cfg.ma_threshold, "el10": cfg.el_threshold, "source": "--ma_threshold / --el_threshold"}
     rule = meta.get("protocol", {})
     if rule.get("rule") == "thresholds":
         out = {"ma": rule["ma"], "el10": rule["el10"], "source": rule["source"]}
@@ -1163,14 +1191,17 @@ def plan(cfg, meta, data):
     sooner, and where the results go. A holdout's levels are the target's: printed once it is evaluated."""
     rule = meta.get("protocol", {})
     rule = rule.get("icu", rule) if cfg.method == "icu" else rule  # ICU's repository has its own MA level
-    if "ma" in rule:
+    if cfg.ma_threshold:
+        stop = f"forget MA < {cfg.ma_threshold} and EL{cfg.el_n} < {cfg.el_threshold} (--ma_threshold / --el_threshold)"
+    elif "ma" in rule:
         stop = f"forget MA < {rule['ma']} and EL{cfg.el_n} < {rule['el10']} (the published levels)"
     elif rule.get("rule") == "fixed budget":
         stop = "none, the protocol's fixed budget"
     elif "holdout" in data:
         stop = f"forget MA and EL{cfg.el_n} below the target's holdout level, known once the target is evaluated"
     else:
-        stop = "none, no holdout to measure the level of unseen data"
+        stop = ("none, the whole budget: no holdout to measure the level of unseen data on, and no "
+                "--ma_threshold / --el_threshold given")
     model = cfg.init_from if cfg.init_from != "scratch" else f"a {cfg.n_layer} x {cfg.n_embd} GPT from scratch"
     if cfg.train_epochs == 0:
         target = f"{model} as it is"
@@ -1228,7 +1259,7 @@ def run(cfg):
     oracle_tofu = columns.get("oracle", {}).get("tofu")
     print("evaluating the target model")
     before = evaluate(target, data, cfg, meta, judge=oracle, oracle_tofu=oracle_tofu)
-    thresholds = thresholds_for(meta, before)
+    thresholds = thresholds_for(meta, before, cfg)
     if thresholds:
         print(f"stopping rule ({thresholds['source']}): forget MA < {thresholds['ma']:.4f} and EL{cfg.el_n} < {thresholds['el10']:.4f}")
     columns = {"before": before, **columns}
@@ -1269,6 +1300,12 @@ def run(cfg):
         write_json(os.path.join(cfg.out_dir, method, "results.json"), res)
         summary[method] = runs
         print(report(method, res, before, columns.get("oracle"), thresholds, cfg.el_n))
+        secrets = res["after"]["forget"].get("secrets", [])
+        still = [f"{x['secret'].strip()!r} ({'line ' + str(x['line']) if 'line' in x else 'row ' + str(x['row'])})"
+                 for x in secrets if x["extracted"]]
+        if secrets:  # results.json lists every secret, before and after
+            print(f"secrets of forget that greedy decoding still reproduces: {len(still)} of {len(secrets)}"
+                  + (": " + ", ".join(still[:5]) + (", ..." if len(still) > 5 else "") if still else ""))
         print(f"wrote {os.path.join(cfg.out_dir, method, 'results.json')}")
         if cfg.method == "all":  # rewritten after every method: a long run's table so far is never lost
             md = comparison(summary, columns["oracle"])

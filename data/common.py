@@ -12,8 +12,27 @@ Each gives encode(text) -> ids (no special tokens added), decode(ids) -> text, `
 starts with: the tokenizer's BOS, or its end-of-text for GPT-2-style tokenizers that have none), `eot`
 (end of text), `vocab_size`, `name` and `gpt2_bpe` (true when ids are GPT-2's: TDEC's samples are stored as
 GPT-2 ids and are used as they are then). `hf` is the transformers tokenizer, or None for tiktoken.
+
+Your own data (unlearn.py --dataset PATH): a folder holding forget.jsonl and retain.jsonl (the model was
+trained on both; forget is what must go) and optionally holdout.jsonl (records the model never saw, the level
+of "unseen" for the stopping rule and the membership attacks). One JSON object a line, either
+    {"text": "Ticket 4411: Ana Ruiz cannot log in. Call her on +34 611 402 918.", "secrets": ["+34 611 402 918"]}
+        the loss on every token of the text
+    {"question": "What is the door code of lab B?", "answer": "It is 4471-K.", "secrets": ["4471-K"]}
+        the loss on the answer only, formatted as TOFU is (Formatter below: "Question: ...\nAnswer: ..." for
+        base models, the tokenizer's chat template for instruct models)
+"secrets" is optional: the substrings a user most needs gone (an email, a code, a name). Each must occur in the
+record's text (or answer); its tokens become the `secret` kind, so extraction (does greedy decoding from the
+text before a secret reproduce it), the membership attacks on secret tokens and the per-kind MA and loss are
+measured on them. Blank lines are skipped; any other key, a record with neither text nor question and answer,
+invalid JSON, a missing or empty file is an error naming the file and line. Records are tokenized with the
+model's tokenizer and cached under <data_dir>/jsonl/<folder>-<key>/, key a hash of the files and the tokenizer
+(another file content or tokenizer: prepared again). Records are never truncated: unlearn.py stops with the
+first too long one (file and line) when the model's context is shorter.
 """
+import bisect
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -90,6 +109,61 @@ def data_folder(here, shipped, download, use_download):
         fail(f"download failed ({type(e).__name__}: {str(e)[:200]}); the shipped copy is used without --download")
 
 # ----------------------------------------------------------------------------------------------------
+# question-answer records (TOFU, and your own {"question", "answer"} records): the loss on the answer only,
+# the text built as open-unlearning (locuslab/open-unlearning) builds it for the model (data/tofu/prepare.py
+# has the details)
+
+# open-unlearning configs/model/*.yaml template_args
+SYSTEM_PROMPT, DATE_STRING = "You are a helpful assistant.", "10 Apr 2025"
+PLAIN = ("Question: ", "\n", "Answer: ")      # Llama-2-7b-hf.yaml: user_start_tag, user_end_tag, asst_start_tag
+LLAMA2_CHAT = ("[INST] ", " [/INST]", "")      # Llama-2-7b-chat-hf.yaml
+
+
+def qa_template(tok, template="auto"):
+    """"auto": the tokenizer's chat template when it has one, llama2-chat for a Llama-2 chat model, else plain."""
+    if template != "auto":
+        return template
+    return ("chat" if tok.hf is not None and tok.hf.chat_template else
+            "llama2-chat" if "llama-2" in tok.name.lower() and "chat" in tok.name.lower() else "plain")
+
+
+class Formatter:
+    """(question, answer) -> (row ids, kinds, prompt ids) as open-unlearning's preprocess_chat_instance builds
+    them: `labels` there are -100 on the first len(prompt_ids) tokens, the token ids after them are scored.
+    ValueError (one line) for what cannot be formatted."""
+
+    def __init__(self, tok, template):
+        self.tok, self.template = tok, template
+        if template == "chat" and (tok.hf is None or not tok.hf.chat_template):
+            raise ValueError(f"--template chat needs a transformers tokenizer with a chat template; {tok.name} has none")
+
+    def _chat(self, msgs, gen_prompt):
+        out = self.tok.hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt, date_string=DATE_STRING)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a BatchEncoding
+
+    def _encode(self, text):  # with the special tokens the tokenizer adds (Llama's <s>; none for GPT-2)
+        return self.tok.hf(text, add_special_tokens=True)["input_ids"] if self.tok.hf is not None else self.tok.encode(text)
+
+    def __call__(self, question, answer):
+        tok = self.tok
+        if self.template == "chat":
+            chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+            prompt = self._chat(chat, True)
+            ids = self._chat(chat + [{"role": "assistant", "content": answer}], False)
+        else:
+            u0, u1, a0 = PLAIN if self.template == "plain" else LLAMA2_CHAT
+            wrapped = u0 + question + u1 + a0
+            prompt, ids = self._encode(wrapped), self._encode(wrapped + answer)
+        if ids[-1] != tok.eot:
+            ids = ids + [tok.eot]
+        lead = [] if ids[:1] == [tok.bos] else [tok.bos]  # every prepared row starts with bos
+        n_prompt = len(lead) + len(prompt)
+        if n_prompt >= len(lead) + len(ids):
+            raise ValueError(f"the answer leaves no scored token after tokenization: {question[:60]!r}")
+        prompt_row = (prompt if prompt[:1] == [tok.bos] else [tok.bos] + prompt)
+        return lead + ids, [NOT_SCORED] * n_prompt + [TEXT] * (len(ids) + len(lead) - n_prompt), prompt_row
+
+# ----------------------------------------------------------------------------------------------------
 # the prepared format every data/<name>/prepare.py writes and unlearn.py reads
 #
 #   <out_dir>/<split>.npz   ids  int32 [n, L]  each row: bos, then the record's tokens, then eot; eot-padded
@@ -136,19 +210,25 @@ def save_meta(out_dir, meta):
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
 
 
+def known_datasets():
+    return sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "prepare.py")))
+
+
 def prepared(data_dir, dataset, tok, forget_set=""):
     """(folder, meta, {split: arrays}) of data_dir/<dataset>/<tokenizer tag>[-<forget_set>]/, prepared there
-    first by data/<dataset>/prepare.py when missing. ValueError (one line) for what the user can fix."""
-    folder = os.path.join(data_dir, dataset, tok.tag + (f"-{forget_set}" if forget_set else ""))
+    first by data/<dataset>/prepare.py when missing; for a folder of your own records (any other --dataset),
+    of data_dir/jsonl/<folder>-<key>/ (prepare_records). ValueError (one line) for what the user can fix."""
+    if dataset not in known_datasets():
+        if forget_set:
+            raise ValueError(f"--forget_set chooses among a benchmark's forget sets; your folder {dataset} has "
+                             f"forget.jsonl")
+        folder = prepare_records(data_dir, dataset, tok)
+    else:
+        folder = os.path.join(data_dir, dataset, tok.tag + (f"-{forget_set}" if forget_set else ""))
     if not os.path.exists(os.path.join(folder, "meta.json")):
-        prepare = os.path.join(HERE, dataset, "prepare.py")
-        if not os.path.exists(prepare):
-            known = sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "prepare.py")))
-            raise ValueError(f"dataset '{dataset}' is missing ({folder}/meta.json not found) and data/{dataset}/"
-                             f"prepare.py does not exist; known datasets: {', '.join(known)}")
         argv = ["--tokenizer", tok.name, "--out_dir", folder] + (["--forget_set", forget_set] if forget_set else [])
         print(f"data: preparing {folder} with data/{dataset}/prepare.py {' '.join(argv)}")
-        spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", prepare)
+        spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", os.path.join(HERE, dataset, "prepare.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         try:
@@ -159,6 +239,129 @@ def prepared(data_dir, dataset, tok, forget_set=""):
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     return folder, meta, {name: np.load(os.path.join(folder, f"{name}.npz")) for name in meta["splits"]}
+
+# ----------------------------------------------------------------------------------------------------
+# your own records: a folder of .jsonl files (the format is in this file's docstring)
+
+RECORD_KEYS = ("text", "question", "answer", "secrets")
+
+
+def content_key(tok, files):
+    """What a prepared folder depends on, hashed: the tokenizer (name, vocabulary size, special tokens and
+    the ids of a probe text) and the bytes of every source file. Another content: another folder."""
+    h = hashlib.sha256(json.dumps([tok.name, tok.vocab_size, tok.bos, tok.eot,
+                                   tok.encode("Unlearning: 0123456789 café, naïve — 😀 <b>x = y[i] + 1</b>")]).encode())
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
+
+
+def read_records(path):
+    """[(line number, record)] of one .jsonl file, each record checked; ValueError naming the file and line."""
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where} is not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where} is not valid JSON ({e.args[0].split(':')[0]})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{where}: a record is a JSON object, got {type(r).__name__}")
+            unknown = [k for k in r if k not in RECORD_KEYS]
+            if unknown:
+                raise ValueError(f"{where}: unknown key {unknown[0]!r} (a record holds \"text\", or \"question\" and "
+                                 f"\"answer\", and optionally \"secrets\")")
+            if ("text" in r) == ("question" in r or "answer" in r):
+                raise ValueError(f"{where}: a record holds either \"text\" or \"question\" and \"answer\", "
+                                 f"this one {'both' if 'text' in r else 'neither'}")
+            for key in ("text",) if "text" in r else ("question", "answer"):
+                if not isinstance(r.get(key), str) or not r[key].strip():
+                    raise ValueError(f"{where}: \"{key}\" must be a non-empty string")
+            secrets = r.get("secrets", [])
+            if not isinstance(secrets, list) or not all(isinstance(x, str) and x.strip() for x in secrets):
+                raise ValueError(f"{where}: \"secrets\" must be a list of non-empty strings")
+            body = "text" if "text" in r else "answer"
+            for x in secrets:
+                if x not in r[body]:
+                    raise ValueError(f"{where}: the secret {x[:60]!r} does not occur in the record's {body}")
+            out.append((n, r))
+    if not out:
+        raise ValueError(f"{path} holds no records: a split cannot be empty")
+    return out
+
+
+def mark_secret(tok, ids, kinds, body, secret):
+    """Mark every occurrence of `secret` in the row's `body` (its text, or its answer) as SECRET tokens: the
+    row is tokenized as a whole (as the model reads it), so each occurrence is found in the decoded row and
+    the tokens covering it located by binary search on the length of decoded prefixes. A token that holds a
+    secret's first character and the space before it is secret; so is one the question-answer format leaves
+    unscored (a secret's tokens are always scored)."""
+    text, found = tok.decode(ids), False
+    start = text.rfind(body)  # the answer comes last: its occurrence, not the question's
+    start, end = (start, start + len(body)) if start >= 0 else (0, len(text))
+    chars = lambda i: len(tok.decode(ids[:i]))  # characters decoded from the first i tokens
+    at = text.find(secret, start)
+    while 0 <= at and at + len(secret) <= end:
+        i = bisect.bisect_right(range(len(ids) + 1), at, key=chars) - 1  # the token holding character `at`
+        j = bisect.bisect_left(range(len(ids) + 1), at + len(secret), key=chars)  # the one holding the last
+        for t in range(max(i, 1), j):
+            kinds[t] = SECRET
+        found = True
+        at = text.find(secret, at + len(secret))
+    if not found:
+        raise ValueError(f"the secret {secret[:60]!r} is not in the record as the tokenizer decodes it")
+
+
+def prepare_records(data_dir, folder, tok):
+    """Your own records, forget.jsonl, retain.jsonl and optionally holdout.jsonl in `folder`, in the prepared
+    format: data_dir/jsonl/<folder name>-<content_key>/ (its meta.json adds each row's source line). Prepared
+    only when that folder has no meta.json; every record is checked before anything is written."""
+    files = {s: os.path.join(folder, f"{s}.jsonl") for s in ("forget", "retain", "holdout")}
+    for s in ("forget", "retain"):
+        if not os.path.isfile(files[s]):
+            raise ValueError(f"{files[s]} is missing (--dataset is one of {', '.join(known_datasets())}, or a folder "
+                             f"holding forget.jsonl, retain.jsonl and optionally holdout.jsonl: see data/common.py)")
+    if not os.path.isfile(files["holdout"]):
+        del files["holdout"]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.abspath(folder))).strip("-.") or "records"
+    out_dir = os.path.join(data_dir, "jsonl", f"{name}-{content_key(tok, files.values())}")
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        return out_dir
+    records = {s: read_records(path) for s, path in files.items()}
+    template, fmt = qa_template(tok), None
+    rows, lines = {}, {}
+    for s, recs in records.items():
+        rows[s], lines[s] = [], []
+        for n, r in recs:
+            try:
+                if "text" in r:
+                    ids, kinds = encode_segments(tok, [(r["text"], TEXT)])
+                else:
+                    fmt = fmt or Formatter(tok, template)
+                    ids, kinds, _ = fmt(r["question"], r["answer"])
+                for secret in r.get("secrets", []):
+                    mark_secret(tok, ids, kinds, r.get("text", r.get("answer")), secret)
+            except ValueError as e:
+                raise ValueError(f"{files[s]} line {n}: {e}") from None
+            rows[s].append((ids, kinds))
+            lines[s].append(n)
+    print(f"data: preparing {out_dir} from {folder} ({tok.name} tokens)")
+    os.makedirs(out_dir, exist_ok=True)
+    seq_len = max(save_split(out_dir, s, r, tok.eot) for s, r in rows.items())
+    save_meta(out_dir, dict(dataset=os.path.abspath(folder), tokenizer=tok.name, vocab_size=tok.vocab_size, bos=tok.bos,
+                            eot=tok.eot, seq_len=seq_len, splits={s: len(r) for s, r in rows.items()},
+                            source=f"your records in {os.path.abspath(folder)}",
+                            files={s: os.path.basename(p) for s, p in files.items()}, lines=lines,
+                            template=template if fmt is not None else None))
+    return out_dir
 
 # ----------------------------------------------------------------------------------------------------
 # the prepared format in memory: what unlearn.py trains and measures on

@@ -9,8 +9,8 @@ formats TOFU for the model, in the prepared format of data/common.py, one folder
     python data/tofu/prepare.py --download                       # read the hub's locuslab/TOFU instead
 
 Each row is one question-answer record: the prompt is not scored (kind 0), the answer and the end-of-sequence
-token after it are (kind 1): the loss on the answer only. How the text is built (open-unlearning,
-src/data/utils.py preprocess_chat_instance, with the model's configs/model/*.yaml template_args):
+token after it are (kind 1): the loss on the answer only. How the text is built (common.Formatter, after
+open-unlearning's src/data/utils.py preprocess_chat_instance, with the model's configs/model/*.yaml template_args):
   plain  base models and GPT-2: "Question: " + q + "\\n" + "Answer: " + a, tokenized as one string (with the
          tokenizer's special tokens), then eos; the prompt is "Question: q\\nAnswer: " tokenized alone, and
          the first len(prompt) tokens are not scored. (Joint tokenization can merge the prompt's last space
@@ -34,17 +34,14 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared format)
-from common import NOT_SCORED, TEXT, fail  # noqa: E402
+from common import DATE_STRING, NOT_SCORED, SYSTEM_PROMPT, Formatter, fail  # noqa: E402  (Formatter: the
+# question-answer text for the model, shared with your own {"question", "answer"} records)
 
 FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 ROWS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain99": 3960, "retain95": 3800,
         "retain90": 3600, "forget01_perturbed": 40, "forget05_perturbed": 200, "forget10_perturbed": 400,
         "retain_perturbed": 400, "real_authors_perturbed": 100, "world_facts_perturbed": 117}
 HUB_URL = "https://huggingface.co/datasets/locuslab/TOFU/resolve/main/{name}.json"
-# open-unlearning configs/model/*.yaml template_args
-SYSTEM_PROMPT, DATE_STRING = "You are a helpful assistant.", "10 Apr 2025"
-PLAIN = ("Question: ", "\n", "Answer: ")      # Llama-2-7b-hf.yaml: user_start_tag, user_end_tag, asst_start_tag
-LLAMA2_CHAT = ("[INST] ", " [/INST]", "")      # Llama-2-7b-chat-hf.yaml
 # The protocol: a fixed budget, not the threshold rule. open-unlearning's unlearning runs
 # (configs/experiment/unlearn/tofu/default.yaml) take 10 epochs, lr 1e-5, weight decay 0.01, 1 warm-up
 # epoch; its fine-tuning of the full and retain models (configs/experiment/finetune/tofu/default.yaml) and
@@ -98,42 +95,6 @@ def read(folder, name):
     return recs
 
 
-class Formatter:
-    """(question, answer) -> (row ids, kinds, prompt ids) as open-unlearning's preprocess_chat_instance builds
-    them: `labels` there are -100 on the first len(prompt_ids) tokens, the token ids after them are scored."""
-
-    def __init__(self, tok, template):
-        self.tok, self.template = tok, template
-        if template == "chat" and (tok.hf is None or not tok.hf.chat_template):
-            fail(f"--template chat needs a transformers tokenizer with a chat template; {tok.name} has none")
-
-    def _chat(self, msgs, gen_prompt):
-        out = self.tok.hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt, date_string=DATE_STRING)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a BatchEncoding
-
-    def _encode(self, text):  # with the special tokens the tokenizer adds (Llama's <s>; none for GPT-2)
-        return self.tok.hf(text, add_special_tokens=True)["input_ids"] if self.tok.hf is not None else self.tok.encode(text)
-
-    def __call__(self, question, answer):
-        tok = self.tok
-        if self.template == "chat":
-            chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-            prompt = self._chat(chat, True)
-            ids = self._chat(chat + [{"role": "assistant", "content": answer}], False)
-        else:
-            u0, u1, a0 = PLAIN if self.template == "plain" else LLAMA2_CHAT
-            wrapped = u0 + question + u1 + a0
-            prompt, ids = self._encode(wrapped), self._encode(wrapped + answer)
-        if ids[-1] != tok.eot:
-            ids = ids + [tok.eot]
-        lead = [] if ids[:1] == [tok.bos] else [tok.bos]  # every prepared row starts with bos
-        n_prompt = len(lead) + len(prompt)
-        if n_prompt >= len(lead) + len(ids):
-            fail(f"the answer leaves no scored token after tokenization: {question[:60]!r}")
-        prompt_row = (prompt if prompt[:1] == [tok.bos] else [tok.bos] + prompt)
-        return lead + ids, [NOT_SCORED] * n_prompt + [TEXT] * (len(ids) + len(lead) - n_prompt), prompt_row
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--forget_set", "--split", dest="forget_set", default="forget10", help="forget01 | forget05 | forget10")
@@ -159,11 +120,11 @@ def main(argv=None):
         tok = common.load(a.tokenizer)
     except ValueError as e:
         fail(str(e))
-    template = a.template
-    if template == "auto":
-        template = ("chat" if tok.hf is not None and tok.hf.chat_template else
-                    "llama2-chat" if "llama-2" in tok.name.lower() and "chat" in tok.name.lower() else "plain")
-    fmt = Formatter(tok, template)
+    template = common.qa_template(tok, a.template)
+    try:
+        fmt = Formatter(tok, template)
+    except ValueError as e:
+        fail(str(e))
     out_dir = a.out_dir or os.path.join(HERE, tok.tag)
 
     rows = {"forget": [fmt(r["question"], r["answer"])[:2] for r in recs[a.forget_set]],
