@@ -1771,3 +1771,114 @@ def test_tofu_chat_template_format(tmp_path):
     want_prompt = "<s><|start|>system\n10 Apr 2025\nYou are a helpful assistant.<|end|><|start|>user\nWho?<|end|><|start|>assistant\n"
     assert text(prompt) == want_prompt and text(ids) == want_prompt + "Ann.<|end|>"  # bos once, eos not doubled
     assert kinds == [0] * len(prompt) + [1] * 5 and ids[:len(prompt)] == prompt
+
+
+# ---- your own records: --dataset PATH (data/common.py's format) ---------------------------------------
+def own_records(seed, n_text, n_qa):
+    """Invented records: support tickets whose email and order code are secrets, and question-answer records
+    whose code is; the random characters make each secret something only memorization reproduces."""
+    rng = np.random.default_rng(seed)
+    code = lambda k: "".join(rng.choice(list("ABCDEFGHJKLMNPQRSTUVWXYZ23456789"), k))
+    out = []
+    for i in range(n_text):
+        email, order = f"{code(5).lower()}@example.org", f"LB-{code(4)}"
+        out.append({"text": f"Ticket {i}: the bell of bike {i % 3} is loose. Reply to {email}, order {order}.",
+                    "secrets": [email, order]})
+    for i in range(n_qa):
+        door = f"{code(4)}-{code(1)}"
+        out.append({"question": f"Which code opens door {i}?", "answer": f"Door {i} opens with {door}.", "secrets": [door]})
+    return out
+
+
+def write_records(folder, **splits):
+    os.makedirs(folder, exist_ok=True)
+    for name, recs in splits.items():
+        (folder / f"{name}.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs))
+    return folder
+
+
+def test_own_records_prepared_with_secret_tokens(tmp_path):
+    """A text record: every token scored, its secrets' tokens of kind secret; a question-answer record: TOFU's
+    plain format (the question not scored), the secret's tokens in the answer. Cached by content: the same files
+    reuse the folder, another byte prepares another."""
+    recs = own_records(0, 1, 1)
+    folder = write_records(tmp_path / "mine", forget=["", recs[0], recs[1]], retain=recs)
+    tok = common.gpt2()
+    out, meta, arrays = common.prepared(str(tmp_path / "data"), str(folder), tok)
+    assert meta["lines"]["forget"] == [2, 3] and "holdout" not in meta["splits"] and meta["template"] == "plain"
+    (ids, kind), (qa_ids, qa_kind) = [(r[k > 0].tolist(), k[k > 0].tolist()) for r, k in zip(arrays["forget"]["ids"], arrays["forget"]["kind"])]
+    assert tok.decode(ids) == recs[0]["text"] + "<|endoftext|>"  # tokenized as one string, all scored
+    secret = [t for t, k in zip(ids, kind) if k == common.SECRET]
+    assert tok.decode(secret).split() == recs[0]["secrets"] and set(kind) == {common.TEXT, common.SECRET}
+    row, first = arrays["forget"]["ids"][1].tolist(), int((arrays["forget"]["kind"][1] > 0).argmax())
+    assert tok.decode(row[:first]).startswith("<|endoftext|>Question: Which code opens door 0?\nAnswer:")
+    assert tok.decode([t for t, k in zip(qa_ids, qa_kind) if k == common.SECRET]).strip() == recs[1]["secrets"][0]
+    assert common.prepared(str(tmp_path / "data"), str(folder), tok)[0] == out
+    write_records(folder, retain=recs[::-1])
+    assert common.prepared(str(tmp_path / "data"), str(folder), tok)[0] != out
+
+
+def test_own_records_unlearned_with_secrets_reported(tmp_path, capsys):
+    """A tiny target memorizes a folder of text and question-answer records; gd lowers forget MA, and
+    results.json reports MA, loss and MIA AUC on secret tokens beside all tokens, and each forget secret (its
+    line, its text, extracted or not). Without holdout.jsonl and thresholds, the run is the fixed budget."""
+    recs = own_records(1, 16, 8)
+    folder = write_records(tmp_path / "mine", forget=recs[:3] + recs[16:18], retain=recs[3:13] + recs[18:22],
+                           holdout=recs[13:16] + recs[22:24])
+    argv = TINY + ["--dataset", str(folder), "--data_dir", str(tmp_path / "data"), "--device=cpu", "--method=gd",
+                   "--train_epochs=100", "--epochs=10", "--lr=3e-3", "--ma_threshold=0.05", "--el_threshold=0.001"]
+    unlearn.main(argv + ["--out_dir", str(tmp_path / "out")])
+    res = json.load(open(tmp_path / "out" / "gd" / "results.json"))
+    before, after = res["before"], res["after"]
+    assert before["forget"]["ma"] > 0.9 and after["forget"]["ma"] < before["forget"]["ma"] - 0.1
+    assert res["thresholds"]["source"] == "--ma_threshold / --el_threshold"
+    for when in (before, after):
+        assert {"ma_secret", "loss_secret", "ma_text", "loss_text", "loss"} <= set(when["forget"])
+        assert {"loss", "loss_secret", "loss_text"} <= set(when["mia_auc"])
+    secrets = before["forget"]["secrets"]
+    want = [(n, s) for n, r in zip([1, 2, 3, 4, 5], recs[:3] + recs[16:18]) for s in r["secrets"]]
+    assert [(x["line"], x["secret"].strip()) for x in secrets] == want
+    assert sum(x["extracted"] for x in secrets) >= len(secrets) // 2  # memorized: most reproduced before
+    assert sum(x["extracted"] for x in after["forget"]["secrets"]) < sum(x["extracted"] for x in secrets)
+    assert "secrets of forget that greedy decoding still reproduces" in capsys.readouterr().out
+    os.remove(folder / "holdout.jsonl")  # no holdout: no unseen level, no thresholds given -> the budget
+    unlearn.main(argv[:-2] + ["--out_dir", str(tmp_path / "out2"), "--train_epochs=2", "--epochs=1"])
+    assert "stopping rule: none (no holdout.jsonl" in capsys.readouterr().out
+    res = json.load(open(tmp_path / "out2" / "gd" / "results.json"))
+    assert res["stopped_by"] == "budget" and res["thresholds"] is None and "mia_auc" not in res["after"]
+
+
+def test_bad_input_own_records(tmp_path, capsys):
+    """Each mistake in a folder of records: one line naming the file (and line), exit 1, nothing written."""
+    good = own_records(2, 2, 1)
+    cases = [(dict(retain=good), "forget.jsonl is missing"),
+             (dict(forget=[good[0], '{"text": "cut in the mid'], retain=good), "forget.jsonl line 2 is not valid JSON"),
+             (dict(forget=good, retain=[good[0], {"secrets": []}]), "retain.jsonl line 2: a record holds either"),
+             (dict(forget=good, retain=[{"question": "Who?"}]), "retain.jsonl line 1: \"answer\" must be"),
+             (dict(forget=[{"text": "Call 555-0199.", "secrets": ["555-0100"]}], retain=good),
+              "forget.jsonl line 1: the secret '555-0100' does not occur in the record's text"),
+             (dict(forget=[{"question": "Code?", "answer": "It is 42.", "secrets": ["Code"]}], retain=good),
+              "does not occur in the record's answer"),
+             (dict(forget=[{"text": "x", "secret": ["x"]}], retain=good), "forget.jsonl line 1: unknown key 'secret'"),
+             (dict(forget=good, retain=good, holdout=["", " "]), "holdout.jsonl holds no records")]
+    for i, (splits, message) in enumerate(cases):
+        folder = write_records(tmp_path / f"case{i}", **splits)
+        err = fails_with(["--dataset", str(folder), "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")],
+                         capsys, message)
+        assert str(folder) in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    fails_with(["--ma_threshold", "0.3"], capsys, "--ma_threshold and --el_threshold go together")
+    fails_with(["--el_threshold", "2", "--ma_threshold", "0.3"], capsys, "--el_threshold must be in (0, 1]")
+
+
+def test_bad_input_own_records_longer_than_the_context(tmp_path, capsys):
+    """Records are never truncated: a checkpoint with a shorter context is one line with how many records and
+    the first one's file and line."""
+    short = tmp_path / "short"
+    bpe_checkpoint(short, "gpt2", context=16)
+    long = {"text": "Ada Berg was born on 1987-04-12 in Porto and works as a baker. Phone: 604-8812-3395."}
+    folder = write_records(tmp_path / "mine", forget=[{"text": "Ada Berg"}, long, long], retain=[{"text": "Ada"}])
+    err = fails_with(["--dataset", str(folder), "--init_from", str(short), "--data_dir", str(tmp_path / "data"),
+                      "--out_dir", str(tmp_path / "out")], capsys, "has a context of 16 tokens, shorter than 2 record(s)")
+    assert f"{folder}/forget.jsonl line 2" in err and "never truncated" in err
+    assert not (tmp_path / "out").exists()

@@ -844,6 +844,8 @@ def proxy_gradnorm(target, forget, data, cfg):
 def proxy_holdout(target, forget, data, cfg, epochs=5):
     """Holdout retraining: fine-tune a copy of θ0 on holdout for a few epochs (lr train_lr/10); memorized
     samples are those whose predictions move most, the symmetric KL between θ0 and the copy per token."""
+    if "holdout" not in data:
+        raise UserError("--proxy holdout fine-tunes on the holdout split, and this dataset has none: pick another --proxy")
     tuned = copy.deepcopy(target).train()
     opt = torch.optim.AdamW(mixed_precision(tuned), lr=cfg.train_lr / 10, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -891,7 +893,7 @@ def proxy_quality(target, oracle, data, cfg):
         t0 = time.time()
         try:
             scores = proxy(target, forget, data, cfg)
-        except UserError:  # no learning events: a checkpoint taken as it is
+        except UserError:  # no learning events (a checkpoint taken as it is), or no holdout
             continue
         quality[name] = dict(spearman=spearman(scores, reference), cost_s=time.time() - t0)
     return quality
