@@ -271,8 +271,8 @@ def read_records(path):
                 continue
             try:
                 r = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where} is not valid JSON ({e.args[0].split(':')[0]})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON ({e.msg})") from None
             if not isinstance(r, dict):
                 raise ValueError(f"{where}: a record is a JSON object, got {type(r).__name__}")
             unknown = [k for k in r if k not in RECORD_KEYS]
