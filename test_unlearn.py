@@ -1843,7 +1843,7 @@ def test_own_records_unlearned_with_secrets_reported(tmp_path, capsys):
     assert "secrets of forget that greedy decoding still reproduces" in capsys.readouterr().out
     os.remove(folder / "holdout.jsonl")  # no holdout: no unseen level, no thresholds given -> the budget
     unlearn.main(argv[:-2] + ["--out_dir", str(tmp_path / "out2"), "--train_epochs=2", "--epochs=1"])
-    assert "stopping rule: none (no holdout.jsonl" in capsys.readouterr().out
+    assert "none, the whole budget: no holdout" in capsys.readouterr().out
     res = json.load(open(tmp_path / "out2" / "gd" / "results.json"))
     assert res["stopped_by"] == "budget" and res["thresholds"] is None and "mia_auc" not in res["after"]
 
