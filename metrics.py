@@ -67,33 +67,38 @@ def split_stats(model, split):
 
 
 @torch.no_grad()
-def extraction(model, split, n=10):
+def extraction(model, split, n=10, first=1):
     """EL_n (extraction likelihood, Jang et al.) per sample, and per sample a list, one bool per secret in
     the order of split.secrets(): does greedy decoding from the tokens before it reproduce it.
 
-    EL_n(x) = sum_{p=1}^{T-n} overlap_n(greedy(x_<=p), x_>p) / (T - n) over prefixes of p = 1..T-n of the
-    record's T tokens, overlap_n the fraction of the generation's n-grams (cut to the suffix's length)
-    found among the true suffix's, as Jang et al.'s code counts it (Neo_Model.py: a generation that repeats
-    one true n-gram scores high, unlike "true n-grams found"). Every sample is cut at the same prefix length,
-    so each one is one batched generate() on the KV cache."""
+    EL_n(x) = sum_{p=first}^{T-n} overlap_n(greedy(x_<=p), x_>p) / (T - n - first + 1) over prefixes of p
+    tokens of the record's T tokens, overlap_n the fraction of the generation's n-grams (cut to the suffix's
+    length) found among the true suffix's, as Jang et al.'s code counts it (Neo_Model.py: a generation that
+    repeats one true n-gram scores high, unlike "true n-grams found"). first = 1 is Jang's EL (TDEC: prefixes
+    1..190, divided by 190); ICU's own EL starts at first = 150 (himalalps/ICU train_neo_meanwhile_update.py
+    line 335 `range(150, target_length)`, line 360 divided by 200 - 150 - (n - 1) = 41), the EL its
+    threshold 0.0499 belongs to. The record starts at row position split.start (1 after a bos, 0 for TDEC's
+    rows, which have none). Every sample is cut at the same prefix length, so each one is one batched
+    generate() on the KV cache."""
     N, L = split.rows.shape
-    lengths = split.lengths  # bos + T tokens
+    lengths = split.lengths  # start + T tokens
+    lo = split.start + first  # the shortest prefix, as a row position
     starts = {}  # prefix length -> [(row, end)] of the secrets starting there
     for i, spans in enumerate(split.secrets()):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
     el, extracted = torch.zeros(N, device=split.rows.device), [[] for _ in range(N)]
-    prefixes = sorted(set(range(2, int(lengths.max()) - n + 1)) | set(starts))  # t = bos + p tokens
+    prefixes = sorted(set(range(lo, int(lengths.max()) - n + 1)) | set(starts))  # t = start + p tokens
     for t in progress(prefixes, desc=f"EL{n}", unit="prefix len"):
         gen = model.generate(split.rows[:, :t], L - t)[:, t:]
-        if 2 <= t <= L - n:  # a prefix with an n-gram left after it (a secret may start later, or at bos + 0)
+        if lo <= t <= L - n:  # a prefix with an n-gram left after it (a secret may start later, or at the start)
             g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
             valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]
             same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]  # [N, generated, true]
             el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)  # each generated n-gram: one of the true ones?
         for i, e in starts.get(t, []):
             extracted[i].append(bool((gen[i, :e - t] == split.rows[i, t:e]).all()))
-    return el / (lengths - 1 - n).clamp_min(1), extracted
+    return el / (lengths - split.start - n - first + 1).clamp_min(1), extracted
 
 
 def auc(members, nonmembers):

@@ -775,14 +775,15 @@ import tofu.metrics as tofu  # noqa: E402  (data/ is on the path: unlearn.py put
 unlearn.people = __import__("importlib").import_module("people.prepare")
 
 
-def hand_split(rows, lengths, secrets):
-    """A Split from rows, each row's length (positions 1..length-1 are scored) and its secret spans."""
+def hand_split(rows, lengths, secrets, start=1):
+    """A Split from rows, each row's length (positions 1..length-1 are scored) and its secret spans; start 0:
+    rows without a bos (TDEC's), whose first token is the record's own and is not scored."""
     kind = np.zeros((len(rows), len(rows[0])), dtype=np.uint8)
     for i, (l, spans) in enumerate(zip(lengths, secrets)):
         kind[i, 1:l] = 1
         for s, e in spans:
             kind[i, s:e] = 3
-    return unlearn.Split(np.array(rows), kind, "cpu")
+    return unlearn.Split(np.array(rows), kind, "cpu", start)
 
 
 class Oracle(torch.nn.Module):
@@ -827,6 +828,19 @@ def test_extraction_likelihood_by_hand():
     # scores 3 of its 5 bigrams from t = 2 (and 0 after), where "true bigrams found" would give 1/5
     el, _ = metrics.extraction(Oracle([0, 1, 2, 3, 2, 3, 2, 3]), split, n=2)
     assert el.item() == pytest.approx((3 / 5) / 5)
+
+
+def test_extraction_likelihood_icu_prefixes_by_hand():
+    """ICU's EL: prefixes of p >= first tokens only, divided by their count (TDEC: 150..190, / 41), where Jang's
+    runs over p = 1..T-n (/ 190); a row without a bos (start 0, TDEC's) counts the record from position 0."""
+    per_prefix = [4 / 5, 3 / 4, 2 / 3, 1 / 2, 0 / 1]  # T = 7, n = 2, right but for the last token: p = 1..5
+    with_bos = hand_split([[0, 1, 2, 3, 4, 5, 6, 7]], [8], [[]])
+    no_bos = hand_split([[1, 2, 3, 4, 5, 6, 7]], [7], [[]], start=0)
+    for split, says in ((with_bos, [0, 1, 2, 3, 4, 5, 6, 9]), (no_bos, [1, 2, 3, 4, 5, 6, 9])):
+        el_jang = metrics.extraction(Oracle(says), split, n=2)[0].item()
+        el_icu = metrics.extraction(Oracle(says), split, n=2, first=3)[0].item()
+        assert el_jang == pytest.approx(sum(per_prefix) / 5)       # 0.543
+        assert el_icu == pytest.approx(sum(per_prefix[2:]) / 3)    # 0.389: the same model, another EL
 
 
 def test_mia_auc_and_ks_by_hand():

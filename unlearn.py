@@ -152,7 +152,8 @@ def load_data(cfg, tok):
     else:
         meta["vocab"], to_model, meta["decode"] = None, lambda ids: ids, tok.decode
     meta["eot_model"] = int(to_model(np.array([meta["eot"]]))[0])
-    splits = {name: Split(to_model(a["ids"]), a["kind"], cfg.device) for name, a in arrays.items()}
+    # rows start with a bos, or with the record itself where the dataset says so (TDEC, as Jang's and ICU's inputs)
+    splits = {name: Split(to_model(a["ids"]), a["kind"], cfg.device, meta.get("row_start", 1)) for name, a in arrays.items()}
     for split in splits.values():
         split.decode = meta["decode"]
     meta["lengths"] = {name: split.lengths.tolist() for name, split in splits.items()}  # bos, record, eot

@@ -371,13 +371,14 @@ class Split:
     """Token rows [n, L] of one split and the kind of every position (NOT_SCORED, TEXT, FACT,
     SECRET). x predicts y: y is the next token where it is scored, -100 elsewhere."""
 
-    def __init__(self, rows, kind, device):
+    def __init__(self, rows, kind, device, start=1):
         self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
         self.kind = torch.as_tensor(np.asarray(kind, dtype=np.uint8), device=device)
         self.x = self.rows[:, :-1]
         self.y = torch.where(self.kind[:, 1:] > 0, self.rows[:, 1:], -100)
         scored = self.kind > 0  # a row ends after its last scored token (its closing eot)
         self.lengths = scored.shape[1] - scored.flip(1).int().argmax(1)
+        self.start = start  # row position of the record's first token: 1 after the bos, 0 without (TDEC)
         self.events = None  # the forget split: per row, the learning events of the target's training (RUM)
         self.decode = None  # token ids -> text (load_data sets it)
 
