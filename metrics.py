@@ -246,7 +246,8 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
         out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}
         out["fluency"]["score"] = out["fluency"]["forget"]["score"]
     if tofu:
-        out["tofu"] = evaluate_tofu(model, data, meta, meta["decode"], oracle_tofu and oracle_tofu["forget_truth_ratios"])
+        out["tofu"] = evaluate_tofu(model, data, meta, meta["decode"], oracle_tofu and oracle_tofu["forget_truth_ratios"],
+                                    oracle_auc=oracle_tofu and oracle_tofu.get("mia_min_k_auc"))
     out["forget_losses"] = stats["forget"]["loss_per"].tolist()
     if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)

@@ -1128,6 +1128,56 @@ def test_icu_drops_refined_samples(tiny):
     assert pairs.shape == (len(forget),) and int(pairs.max()) < len(data["retain"])
 
 
+def test_icu_masks_forgotten_samples_in_fixed_batches(tiny):
+    """As ICU's code: every epoch batches all forget samples and masks the forgotten ones out of the loss (a
+    batch left empty takes no step), rather than re-forming batches from the samples left."""
+    data, target = tiny["data"], tiny["target"]
+    cfg = __import__("dataclasses").replace(tiny["cfg"], batch_size=2)
+    forget, masked = data["forget"], {0, 5}
+    index = {tuple(r): i for i, r in enumerate(forget.rows.tolist())}
+    steps = []
+
+    def loss(model, ref, f, a, cfg):
+        steps.append(sorted(index[tuple(r)] for r in f.rows.tolist()))
+        return unlearn.loss_icu(model, ref, f, a, cfg)
+    pairs = unlearn.analogues(target, forget, data["retain"])
+    res = unlearn.unlearn(__import__("copy").deepcopy(target), target, [loss], forget, data["retain"], cfg,
+                          {"ma": -1.0, "el10": -1.0}, 1e-4, 2, "icu", pairs=pairs,
+                          refine=lambda m: torch.tensor([i in masked for i in range(len(forget))]))
+    gen, expect = torch.Generator().manual_seed(cfg.seed), []
+    for _ in range(2):  # the same shuffles: each epoch's batches of all 8, less the masked samples
+        expect += [k for k in (sorted(set(b.tolist()) - masked) for b in unlearn.batches(len(forget), 2, gen)) if k]
+    assert steps == expect and res["steps"] == len(expect)
+    assert any(len(s) == 1 for s in steps)  # a batch kept its place with one sample masked: not re-formed
+
+
+def test_epochs_over_retain_eul_order_and_neggrad_plus(tiny):
+    """EUL: a retain epoch (no forget rows; as many retain batches as a forget epoch, a named departure), then
+    a forget epoch (no retain rows), as the paper orders them. RUM's NegGrad+: an epoch is a pass over the
+    retain set, the forget batches cycled. ga reads no retain rows: its tokens are the forget set's alone."""
+    data, target, cfg = tiny["data"], tiny["target"], tiny["cfg"]
+    forget, retain = data["forget"], data["retain"]
+    log = []
+
+    def recorded(fn):
+        @__import__("functools").wraps(fn)  # keeps the loss's `uses` and `epoch`
+        def loss(model, ref, f, r, cfg):
+            log.append((fn.__name__, None if f is None else len(f), None if r is None else len(r)))
+            return fn(model, ref, f, r, cfg)
+        return loss
+    never = {"ma": -1.0, "el10": -1.0}
+    per_epoch = -(-len(retain) // cfg.batch_size)
+    model = __import__("copy").deepcopy(target)
+    unlearn.unlearn(model, target, [recorded(unlearn.loss_eul_retain), recorded(unlearn.loss_eul_forget)], forget,
+                    retain, cfg, never, 1e-4, 2)
+    assert log == [("loss_eul_retain", None, len(forget)), ("loss_eul_forget", len(forget), None)]  # one batch each
+    log.clear()
+    res = unlearn.unlearn(model, target, [recorded(unlearn.loss_neggrad_plus(0.99))], forget, retain, cfg, never, 1e-4, 1)
+    assert res["steps"] == per_epoch and all(f == len(forget) for _, f, _ in log)
+    res = unlearn.unlearn(model, target, [unlearn.loss_ga], forget, retain, cfg, never, 1e-4, 2)
+    assert res["tokens"] == 2 * int((forget.y != -100).sum())
+
+
 def test_bleu_by_hand():
     """ICU's BLEU (nltk's sentence_bleu: 1-4-grams weighted 1/4, brevity penalty, no smoothing, lowercased
     Treebank words), against values worked out by hand."""
@@ -1144,7 +1194,7 @@ def test_icu_forgotten_test_by_hand():
     record (not the closing <eot>), the continuation as long as the reference; forgotten when BLEU < 0.01."""
     row = [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]  # <eot> record <eot>, the secret at tokens 4-5
     split = hand_split([row, row], [10, 10], [[[4, 6]], []])  # the second row: no secret
-    split.decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    split.decode, split.eot = lambda ids: " ".join(f"w{i}" for i in ids), 0
     assert unlearn.icu_cuts(split, suffix_len=3) == [4, 6]      # no secret: suffix_len before the record's end
     gone, bleu, f1 = unlearn.forgotten(Oracle(row), split, beams=1)  # a parrot remembers everything
     assert bleu.tolist() == [1.0, 1.0] and not gone.any() and f1 is None  # no BERTScore on this machine
@@ -1396,7 +1446,8 @@ def bpe_checkpoint(folder, family, context=256):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_ih_flora_from_a_checkpoint_folder(tmp_path, family):
     """--init_from a transformers folder: data tokenized with its own tokenizer (full vocabulary), the target
-    fine-tuned from it, unlearned, and <out_dir>/ih_flora/model/ loadable by transformers with the same logits."""
+    fine-tuned from it, unlearned, and <out_dir>/ih_flora/model/ loadable by transformers with the same logits.
+    With --seeds 2 the exported model is the first seed's, whose numbers results.json's `after` holds."""
     transformers = pytest.importorskip("transformers")
     ckpt = tmp_path / "ckpt"
     tok = bpe_checkpoint(ckpt, family)
@@ -1405,10 +1456,17 @@ def test_ih_flora_from_a_checkpoint_folder(tmp_path, family):
                     "--n_forget", "4", "--n_retain", "60", "--n_holdout", "8", "--out_dir",
                     str(tmp_path / "data" / "people" / tag)], check=True, capture_output=True)
     out = tmp_path / "out"
-    unlearn.main(["--init_from", str(ckpt), "--data_dir", str(tmp_path / "data"), "--out_dir", str(out),
-                  "--train_epochs=2", "--train_lr=1e-3", "--epochs=2", "--eval_n=4", "--rank=2", "--device=cpu"])
+    argv = ["--init_from", str(ckpt), "--data_dir", str(tmp_path / "data"), "--out_dir", str(out),
+            "--train_epochs=2", "--train_lr=1e-3", "--epochs=2", "--eval_n=4", "--rank=2", "--device=cpu", "--seeds=2"]
+    unlearn.main(argv)
     res = __import__("json").load(open(out / "ih_flora" / "results.json"))
-    assert res["model_dir"] == str(out / "ih_flora" / "model") and res["steps"] > 0
+    assert res["model_dir"] == str(out / "ih_flora" / "model") and res["steps"] > 0 and res["model_seed"] == 1337
+    cfg = unlearn.parse_args(argv)
+    _, data = unlearn.load_data(cfg, unlearn.load_tokenizer(str(ckpt)))
+    exported = metrics.split_stats(GPT.from_pretrained(str(out / "ih_flora" / "model")).eval(), data["forget"])["ppl"]
+    assert exported == pytest.approx(res["after"]["forget"]["ppl"], rel=1e-6)
+    assert res["seeds"][1]["forget MA"] != res["seeds"][0]["forget MA"] or \
+        res["seeds"][1]["retain ppl"] != pytest.approx(res["seeds"][0]["retain ppl"], rel=1e-6)  # the seeds differ
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "ih_flora" / "model").eval()
     ours = GPT.from_pretrained(str(out / "ih_flora" / "model")).eval()
     assert ours.config.vocab_size == len(tok)  # the checkpoint's full vocabulary, not the data's
@@ -1516,21 +1574,44 @@ def test_tdec_prepare_rows_kinds_and_meta(tdec32):
                               for p in ("preprefix", "prefix", "suffix")], 1).astype(np.int64)
     forget = np.load(tdec32 / "forget.npz")
     ids, kind = forget["ids"], forget["kind"]
-    assert ids.shape == kind.shape == (32, 202) and meta["splits"]["forget"] == 32
-    assert (ids[:, 1:201] == samples[sets["lm_extraction_32_0"]]).all()  # GPT-2 ids as they are, Jang's order
-    assert (ids[:, 0] == common.GPT2_EOT).all() and (ids[:, 201] == common.GPT2_EOT).all()  # bos ... eot
+    assert ids.shape == kind.shape == (32, 201) and meta["splits"]["forget"] == 32
+    # GPT-2 ids as they are, Jang's order, no bos (their inputs are the sample alone), then the format's eot
+    assert (ids[:, :200] == samples[sets["lm_extraction_32_0"]]).all() and meta["row_start"] == 0
+    assert (ids[:, 200] == common.GPT2_EOT).all()
     # Jang et al. score the sample's tokens 1..199; the suffix (tokens 150..199) is the secret
-    assert (kind[:, :2] == 0).all() and (kind[:, 2:151] == 1).all() and (kind[:, 151:201] == 3).all() and (kind[:, 201] == 0).all()
+    assert (kind[:, :1] == 0).all() and (kind[:, 1:150] == 1).all() and (kind[:, 150:200] == 3).all() and (kind[:, 200] == 0).all()
     retain = set(meta["doc_ids"]["retain"])
     assert len(retain) == 128 and not retain & set(i for v in sets.values() for i in v)
-    assert (np.load(tdec32 / "retain.npz")["ids"][:, 1:201] == samples[meta["doc_ids"]["retain"]]).all()
+    assert (np.load(tdec32 / "retain.npz")["ids"][:, :200] == samples[meta["doc_ids"]["retain"]]).all()
     analogues = meta["doc_ids"]["analogues"]
     assert len(analogues) == 15000 - 128 and not set(analogues) & set(sets["lm_extraction_128_0"])
-    assert np.load(tdec32 / "analogues.npz")["ids"].shape == (14872, 202) and meta["analogues"]["split"] == "analogues"
+    assert np.load(tdec32 / "analogues.npz")["ids"].shape == (14872, 201) and meta["analogues"]["split"] == "analogues"
     p = meta["protocol"]
     assert (p["ma"], p["el10"], p["comparison"], p["both"]) == (0.2994, 0.0499, "<", True) and "Neo_Model.py" in p["source"]
-    assert p["icu"]["ma"] == 0.5994 and meta["holdout"] is None and not os.path.exists(tdec32 / "holdout.npz")
+    assert p["icu"]["ma"] == 0.5994 and p["icu"]["el_first"] == 150 and meta["holdout"] is None and not os.path.exists(tdec32 / "holdout.npz")
     assert "shipped" in meta["source"] and meta["reencoded"] is False
+
+
+def test_tdec_icu_cut_and_el_prefixes(tdec32):
+    """ICU on TDEC: the per-sample test continues tokens 100-149 for 50 tokens against tokens 150-199 (the
+    sample's last token is scored: no closing eot to leave out), and ICU's EL runs prefixes of 150..190 tokens,
+    divided by 41, where Jang's runs 1..190 (/ 190)."""
+    f = np.load(tdec32 / "forget.npz")
+    split = unlearn.Split(f["ids"][:2], f["kind"][:2], "cpu", start=0)
+    split.decode, split.eot = lambda ids: " ".join(map(str, ids)), common.GPT2_EOT
+    assert unlearn.icu_cuts(split) == [150, 150] and unlearn.record_ends(split) == [200, 200]
+    asked = []
+
+    class Mute:  # says token 0 forever, and records what it was asked
+        def generate(self, idx, n, beams=1):
+            asked.append((idx.clone(), n))
+            return torch.cat([idx, torch.zeros(len(idx), n, dtype=idx.dtype)], 1)
+    unlearn.forgotten(Mute(), split, beams=1)
+    assert asked[0][1] == 50 and torch.equal(asked[0][0], split.rows[:, 100:150])
+    for first, prefixes in ((150, range(150, 191)), (1, range(1, 191))):
+        asked.clear()
+        metrics.extraction(Mute(), split, 10, first)
+        assert [a[0].size(1) for a in asked] == list(prefixes)  # one batched generation per prefix length
 
 
 def test_tdec_prepare_reencodes_other_tokenizers(tmp_path, monkeypatch, capsys):
@@ -1549,8 +1630,8 @@ def test_tdec_prepare_reencodes_other_tokenizers(tmp_path, monkeypatch, capsys):
     pre = np.load(os.path.join(DATA, "tdec", "train_preprefix.npy"))
     for row, kind, doc in zip(f["ids"], f["kind"], sets["lm_extraction_4_1"]):
         n = int((kind > 0).sum()) + 1  # the sample's tokens: the scored ones and the first
-        assert g.decode(row[1:1 + n].tolist()).startswith(g.decode(pre[doc].tolist()))
-        assert kind[1] == 0 and (kind[n + 1:] == 0).all() and kind[n] == 3
+        assert g.decode(row[:n].tolist()).startswith(g.decode(pre[doc].tolist()))
+        assert kind[0] == 0 and (kind[n:] == 0).all() and kind[n - 1] == 3
 
 
 def test_tdec_prepare_bad_input(tmp_path, monkeypatch, capsys):
@@ -1649,12 +1730,36 @@ def test_tofu_probability_is_length_normalised():
 def test_tofu_truth_ratio_forms_by_hand():
     # question 1: p(correct) 0.5, perturbed 0.25 and 0.04 -> geometric mean 0.1 -> R = 0.2
     # question 2: p(correct) 0.2, perturbed 0.2 and 0.8 -> geometric mean 0.4 -> R = 2.0
-    r = tofu.truth_ratios([0.5, 0.2], [[0.25, 0.04], [0.2, 0.8]])
-    assert np.allclose(r, [0.2, 2.0], rtol=1e-8)  # geometric, not arithmetic (that would give 0.29, 2.5)
+    loss = lambda p: -np.log(p)  # truth_ratios takes each answer's avg_loss
+    r = tofu.truth_ratios(loss([0.5, 0.2]), loss([[0.25, 0.04], [0.2, 0.8]]))
+    assert np.allclose(r, [0.2 / (1 + 2e-10), 2.0 / (1 + 5e-10)], rtol=1e-12)  # geometric, not arithmetic (0.29, 2.5)
     assert tofu.truth_ratio_stat(r, "closer_to_1_better") == pytest.approx((0.2 + 0.5) / 2)  # min(R, 1/R)
     assert tofu.truth_ratio_stat(r, "true_better") == pytest.approx((0.8 + 0.0) / 2)  # max(0, 1 - R)
     with pytest.raises(ValueError):
         tofu.truth_ratio_stat(r, "mean")
+
+
+def test_tofu_truth_ratio_with_a_huge_loss_by_hand():
+    """open-unlearning averages the perturbed answers' avg_loss before the exp: one perturbed answer at 800
+    nats (probability below float64's 1e-308) and one at 10 give exp(-405) / (exp(-5) + 1e-10), not 0."""
+    r = tofu.truth_ratios([5.0], [[800.0, 10.0]])
+    assert r[0] > 0 and r[0] == pytest.approx(math.exp(-405) / (math.exp(-5) + 1e-10), rel=1e-12)
+    assert math.exp(-800) == 0.0  # what a product of probabilities would have made of it: R = 0
+
+
+def test_tofu_extraction_strength_and_privleak_by_hand():
+    """extraction strength: 1 - k/n, k the first position from which every argmax is right, 1/n where none
+    is (their loop's end); privleak from the Min-K% (k = 0.4) AUC of forget against holdout."""
+    hits = [[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1, 1]]  # k = 0, 3, (3: none), 2
+    assert tofu.extraction_strength(hits) == pytest.approx((1 + 1 / 4 + 1 / 4 + 3 / 5) / 4)
+    # Min-K 40%: 5 tokens -> the 2 lowest; 2 tokens -> 1 (at least one)
+    scores = tofu.min_k_scores([[-1.0, -5.0, -0.1, -3.0, -0.2], [-2.0, -0.5]])
+    assert scores.tolist() == pytest.approx([4.0, 2.0])
+    # forget scores [1, 2], holdout [2, 3]: P(holdout > forget) = 3/4 + ties 1/4 · 1/2 = 0.875;
+    # privleak against a retain model's 0.6: ((1 - 0.875) - 0.4) / 0.4 · 100 = -68.75; against 0.5: -75
+    auc, leak = tofu.privleak([1.0, 2.0], [2.0, 3.0], 0.6)
+    assert auc == pytest.approx(0.875) and leak == pytest.approx(-68.75, rel=1e-8)
+    assert tofu.privleak([1.0, 2.0], [2.0, 3.0])[1] == pytest.approx(-75.0, rel=1e-8)
 
 
 def test_tofu_normalised_probability_and_harmonic_mean_by_hand():
@@ -1715,8 +1820,8 @@ def test_tofu_metrics_block_by_hand():
         assert out["model_utility_parts"][k] == pytest.approx(v, rel=1e-8), k
     assert out["model_utility"] == pytest.approx(9 / sum(1 / v for v in parts.values()), rel=1e-8)
     assert list(out["model_utility_parts"]) == list(tofu.TOFU_UTILITY)
-    # forget quality: the KS test on 1/R; R = [0.2, 2] against an oracle's [10, 20]: 1/R = [5, 0.5] vs [0.1, 0.05],
-    # D = 1, p = 1/3 (test above); against itself p = 1
+    # forget quality: the KS test on R (privacy.py ks_test); R = [0.2, 2] against an oracle's [10, 20]: D = 1,
+    # p = 1/3 (test above); against itself p = 1
     assert tofu.tofu_metrics(stats, rouge, [10.0, 20.0])["forget_quality"] == pytest.approx(1 / 3)
     assert tofu.tofu_metrics(stats, rouge, out["forget_truth_ratios"])["forget_quality"] == 1.0
 
@@ -1760,7 +1865,8 @@ def test_evaluate_tofu_plumbing(tofu01):
     assert set(tofu.TOFU_UTILITY) == set(out["model_utility_parts"]) and len(out["forget_truth_ratios"]) == 3
     assert 0 <= out["model_utility"] <= 1 and 0 < out["forget_Q_A_Prob"] < 1
     r = np.array(out["forget_truth_ratios"])
-    assert out["forget_quality"] == tofu.ks_pvalue(1 / (r + 1e-10), 1 / (np.array(oracle) + 1e-10))
+    assert out["forget_quality"] == tofu.ks_pvalue(r, oracle)
+    assert 0 < out["extraction_strength"] <= 1 and out["privleak"] is None  # no holdout split here
 
 
 def test_tofu_chat_template_format(tmp_path):

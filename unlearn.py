@@ -155,7 +155,7 @@ def load_data(cfg, tok):
     # rows start with a bos, or with the record itself where the dataset says so (TDEC, as Jang's and ICU's inputs)
     splits = {name: Split(to_model(a["ids"]), a["kind"], cfg.device, meta.get("row_start", 1)) for name, a in arrays.items()}
     for split in splits.values():
-        split.decode = meta["decode"]
+        split.decode, split.eot = meta["decode"], meta["eot_model"]
     meta["lengths"] = {name: split.lengths.tolist() for name, split in splits.items()}  # bos, record, eot
     if len(splits["forget"]) == 0:
         raise UserError(f"the forget set of {folder} is empty: there is nothing to unlearn")
@@ -350,6 +350,9 @@ def loss_ga(model, ref, f, r, cfg):
     return -nll(model, f)
 
 
+loss_ga.uses = ("forget",)  # no retain batch (unlearn() reads `uses`)
+
+
 def loss_gd(model, ref, f, r, cfg):
     """Gradient difference: L = -NLL_θ(f) + NLL_θ(r)."""
     return -nll(model, f) + nll(model, r)
@@ -507,51 +510,71 @@ def forget_check(model, forget, thresholds, cfg):
     ma = split_stats(model, forget)["ma"]
     if thresholds is None:  # a fixed budget (TOFU's protocol)
         return ma, float("nan"), False
-    el = extraction(model, forget, cfg.el_n)[0].mean().item() if ma < thresholds["ma"] else float("nan")
+    # the EL its threshold belongs to: Jang's (prefixes from 1), or ICU's own on TDEC (from 150, el_first)
+    el = extraction(model, forget, cfg.el_n, thresholds.get("el_first", 1))[0].mean().item() \
+        if ma < thresholds["ma"] else float("nan")
     return ma, el, ma < thresholds["ma"] and el < thresholds["el10"]
 
 
-def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=None):
+def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=None,
+            betas=None, clip=1.0):
     """Minimize the loss on (forget batch, retain batch) pairs, an epoch being one pass over the forget set,
     until forget MA and EL_10 are both below the holdout's (Jang et al.), or the epoch budget ends.
 
     --batch_size at least the forget set's size is Jang et al.'s setting: one full-batch update an epoch, then
     the check (their README line 51: the effective batch must equal the forget set), with their Adam betas
     (0.9, 0.98) (models/Neo_Model.py, configure_optimizers); smaller batches take several steps an epoch.
-    loss_fns: the loss of each epoch, cycled (EUL alternates a retain and a forget epoch; most have one).
+    betas: the method's own (ICU's code: (0.9, 0.98) always); clip: the gradient-norm clip, None for none
+    (Jang's and ICU's code clip nothing; the project's other methods clip at 1.0).
+    loss_fns: the loss of each epoch, cycled (EUL alternates a retain and a forget epoch; most have one). A loss
+    says which rows it reads (`uses`, default both: no batch is made of rows it ignores) and what its epoch is
+    a pass over (`epoch`: "forget" by default; "retain" for EUL's retain epochs and RUM's NegGrad+, whose
+    forget batches then cycle: RUM's neggrad.py `zip(r_loader, cycle(f_loader))`).
     pairs: the retain row paired with each forget row (ICU's analogues); default as many random retain rows.
     refine: a per-sample test, model -> bool [len(forget)] (True: forgotten), run before the first epoch and
-    after each (ICU): forgotten samples leave the batches with their analogues; every sample is re-checked,
-    so one that comes back re-enters. Returns a dict: stopped_by ("threshold", "budget", or "forgotten": no
-    sample left to unlearn), steps, tokens,
-    trainable_params, and forgotten_at (ICU: the first epoch each sample was forgotten, 0 = before any).
-    A non-finite loss stops everything with the weights of the last epoch."""
+    after each (ICU): as ICU's code, every epoch still batches all samples and masks the forgotten ones (and
+    their analogues) out of the loss, skipping a batch left empty; every sample is re-checked, so one that
+    comes back re-enters. Returns a dict: stopped_by ("threshold", "budget", or "forgotten": no sample left
+    to unlearn), steps, tokens (of the rows the losses read), trainable_params, and forgotten_at (ICU: the
+    first epoch each sample was forgotten, 0 = before any). A non-finite loss stops everything with the
+    weights of the last epoch."""
     params = mixed_precision(model)
     full_batch = cfg.batch_size >= len(forget)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **(dict(betas=(0.9, 0.98)) if full_batch else {}))
+    betas = betas or ((0.9, 0.98) if full_batch else (0.9, 0.999))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=betas)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = tokens = 0
-    active, forgotten_at = torch.arange(len(forget)), [None] * len(forget)
+    keep, forgotten_at = torch.ones(len(forget), dtype=torch.bool), [None] * len(forget)
     t0 = time.time()
     if refine is not None:  # ICU's code checks every sample before the first epoch too (val(0, ...))
-        gone = refine(model)
+        gone = refine(model).cpu()
         forgotten_at = [0 if g else None for g in gone.tolist()]
-        active = (~gone).nonzero().flatten().cpu()
+        keep = ~gone
         print(f"{name}: before unlearning | forgotten {int(gone.sum())} of {len(forget)}")
-        if len(active) == 0:
+        if not keep.any():
             return dict(stopped_by="forgotten", steps=0, tokens=0, trainable_params=sum(p.numel() for p in params),
                         forgotten_at=forgotten_at)
     for epoch in range(1, epochs + 1):
         good = [p.detach().clone() for p in params]
         loss_fn = loss_fns[(epoch - 1) % len(loss_fns)]
+        uses = getattr(loss_fn, "uses", ("forget", "retain"))
+        if getattr(loss_fn, "epoch", "forget") == "retain":  # a pass over retain, the forget batches cycled
+            fbs = batches(len(forget), cfg.batch_size, gen)
+            plan = [(fbs[i % len(fbs)], ri) for i, ri in enumerate(batches(len(retain), cfg.batch_size, gen))]
+        else:
+            plan = [(fi, None) for fi in batches(len(forget), cfg.batch_size, gen)]
         model.train()
-        for fi in progress(batches(len(active), cfg.batch_size, gen), desc=f"{name} epoch {epoch}", unit="step"):
-            fi = active[fi]
-            ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (len(fi),), generator=gen)
-            f, r = forget.take(fi), retain.take(ri)
+        for fi, ri in progress(plan, desc=f"{name} epoch {epoch}", unit="step"):
+            fi = fi[keep[fi]]  # ICU: the forgotten samples are masked out of their batch
+            if len(fi) == 0:
+                continue
+            if ri is None:
+                ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (len(fi),), generator=gen)
+            f = forget.take(fi) if "forget" in uses else None
+            r = retain.take(ri) if "retain" in uses else None
             loss = loss_fn(model, ref, f, r, cfg)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))  # inf: the norm, nothing clipped
             if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 with torch.no_grad():
                     for p, g in zip(params, good):
@@ -561,21 +584,21 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
             opt.step()
             opt.zero_grad(set_to_none=True)
             steps += 1
-            tokens += int((f.y != -100).sum() + (r.y != -100).sum())
+            tokens += sum(int((b.y != -100).sum()) for b in (f, r) if b is not None)
         model.eval()
         if refine is not None:
-            gone = refine(model)
+            gone = refine(model).cpu()
             for i in gone.nonzero().flatten().tolist():
                 forgotten_at[i] = epoch if forgotten_at[i] is None else forgotten_at[i]
-            active = (~gone).nonzero().flatten().cpu()
+            keep = ~gone
         ma, el, done = forget_check(model, forget, thresholds, cfg)
         el_text = "-" if math.isnan(el) else f"{el:.4f}"  # EL is generated only once MA passes
         print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el_text} "
-              + (f"| active {len(active)} " if refine is not None else "") + f"| {time.time() - t0:.1f}s")
-        if done or len(active) == 0:
+              + (f"| active {int(keep.sum())} " if refine is not None else "") + f"| {time.time() - t0:.1f}s")
+        if done or not keep.any():
             break
     # "forgotten": ICU's own rule, every sample passes the per-sample test (their code: unlearn_cnt < 1)
-    stopped_by = "threshold" if done else "forgotten" if len(active) == 0 else "budget"
+    stopped_by = "threshold" if done else "forgotten" if not keep.any() else "budget"
     return dict(stopped_by=stopped_by, steps=steps, tokens=tokens,
                 trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine is not None else None)
 
@@ -642,10 +665,16 @@ def icu_cuts(split, suffix_len=50):
     so the prefix is the record up to the phone number and the suffix the rest of the record, secrets and
     the words between them (34-42 tokens on the default data; the prompt, 22-26 tokens, is the whole record
     start). Without secrets: suffix_len tokens before the record's end (TDEC's 200-token samples: prefix
-    tokens 100-149, suffix 150-199, as ICU's Datasets_mean.py lines 44-49 cut them). Rows are
-    <eot> record <eot>."""
-    ends = (split.lengths - 1).tolist()  # the closing <eot> belongs to neither
+    tokens 100-149, suffix 150-199, as ICU's Datasets_mean.py lines 44-49 cut them)."""
+    ends = record_ends(split)
     return [min(s for s, _ in spans) if spans else max(1, e - suffix_len) for spans, e in zip(split.secrets(), ends)]
+
+
+def record_ends(split):
+    """Per row, the position after the record's last token: a closing <eot> that is scored (people, TOFU)
+    belongs to the format, not the record; TDEC's last scored token is the sample's own token 199."""
+    last = split.rows[torch.arange(len(split)), split.lengths - 1]
+    return (split.lengths - (last == split.eot).long()).tolist() if split.eot is not None else split.lengths.tolist()
 
 
 @torch.no_grad()
@@ -657,7 +686,7 @@ def forgotten(model, split, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01
     continuation is cut at its first <eot> (what follows would be another record). BERTScore runs only where
     bert_score and bert-base-uncased are on the machine (bertscore_f1). Returns (gone [N] bool, bleu [N],
     f1 [N] or None)."""
-    cuts, ends = icu_cuts(split, suffix_len), (split.lengths - 1).tolist()
+    cuts, ends = icu_cuts(split, suffix_len), record_ends(split)
     refs, cands = [None] * len(split), [None] * len(split)
     for cut in progress(sorted(set(cuts)), desc="ICU's test", unit="cut"):  # rows cut at one place: one generation
         rows = [i for i, c in enumerate(cuts) if c == cut]
@@ -680,14 +709,20 @@ def unlearn_icu(model, target, forget, pool, cfg, thresholds):
     and before the first epoch and after every epoch ICU's per-sample test (forgotten: BLEU of the 2-beam
     continuation of its prefix against its true suffix < 0.01; BERTScore where available) takes the
     forgotten samples out of the batches, with their analogues. The stopping rule: ICU's own thresholds
-    where the dataset has them (TDEC: MA 0.5994, not Jang's 0.2994)."""
+    where the dataset has them (TDEC: MA 0.5994, not Jang's 0.2994, and EL_10 < 0.0499 on ICU's own EL, over
+    prefixes of 150..190 tokens: metrics.extraction's `first`)."""
     pairs = analogues(target, forget, pool)
     thresholds = thresholds and thresholds.get("icu", thresholds)
     ran = "BLEU < 0.01" + (" or BERTScore F1 < 0.3" if have_bertscore() else
                            " (BERTScore not run: bert_score or bert-base-uncased is not on this machine)")
     print(f"icu: per-sample test: {ran}")
+    if thresholds:
+        el = f"ICU's EL{cfg.el_n} (prefixes from {thresholds['el_first']})" if "el_first" in thresholds else f"EL{cfg.el_n}"
+        print(f"icu: stopping rule ({thresholds.get('source', '').split(';')[0]}): forget MA < {thresholds['ma']:.4f} and "
+              f"{el} < {thresholds['el10']:.4f}")
+    # Adam betas (0.9, 0.98) and no gradient clipping, as ICU's code (train_neo_meanwhile_update.py line 412)
     res = unlearn(model, target, [loss_icu], forget, pool, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
-                  pairs=pairs, refine=lambda m: forgotten(m, forget)[0])
+                  pairs=pairs, refine=lambda m: forgotten(m, forget)[0], betas=(0.9, 0.98), clip=None)
     res["forgotten_test"] = ran
     return res
 
@@ -715,11 +750,20 @@ def loss_eul_forget(model, ref, f, r, cfg, gamma=0.2):
     return -kl_to_ref(model, ref, f) - gamma * nll(model, f)
 
 
+loss_eul_forget.uses = ("forget",)
+
+
 def loss_eul_retain(model, ref, f, r, cfg, alpha=0.8, lam=1.0):
     """EUL's retain epochs: α·KL(p_θ0 ‖ p_θ)(r) + λ·NLL_θ(r), α = 0.8, λ = 1.0: stay the teacher on r.
     Alternating the two (design: L = α·KL(r) - KL(f) + λ·NLL(r) - γ·NLL(f)) is the selective
-    teacher-student objective; a retain epoch has as many (random) retain batches as a forget epoch."""
+    teacher-student objective. Departure, measured (notes/faithful.md): a retain epoch takes as many random
+    retain batches as a forget epoch, not the paper's pass over the retain set (`epoch = "retain"` below would
+    be it): with a full pass (~31x the steps of a forget epoch on `people`) the retain epochs undo the forget
+    epochs and EUL no longer forgets within the budget."""
     return alpha * kl_to_ref(model, ref, r) + lam * nll(model, r)
+
+
+loss_eul_retain.uses = ("retain",)
 
 
 @torch.no_grad()
@@ -752,15 +796,15 @@ def fuse(weights, grams_):
 
 
 def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
-    """One EUL request: a fresh unlearning layer in every block on the frozen base, trained alternating
-    forget and retain epochs; its weights and Gram matrices join `requests`, and the model gets the fusion
+    """One EUL request: a fresh unlearning layer in every block on the frozen base, trained alternating a
+    retain epoch, then a forget epoch, as the paper orders them; its weights and Gram matrices join `requests`, and the model gets the fusion
     of all requests so far (for a single request, the layer itself)."""
     blocks = model.transformer.h
     layers = [UnlearnLayer(model.config.n_embd, cfg.rank).to(cfg.device) for _ in blocks]
     model.requires_grad_(False)
     for b, layer in zip(blocks, layers):
         b.adapter = layer
-    result = unlearn(model, Frozen(model), [loss_eul_forget, loss_eul_retain], forget, retain, cfg, thresholds,
+    result = unlearn(model, Frozen(model), [loss_eul_retain, loss_eul_forget], forget, retain, cfg, thresholds,
                      cfg.eul_lr, cfg.epochs, "eul")
     g = grams(model, layers, forget)
     requests.append([{k: (getattr(l, k).weight.detach().clone(), g[getattr(l, k)]) for k in ("down", "up")}
@@ -901,8 +945,13 @@ def proxy_quality(target, oracle, data, cfg):
 
 
 def loss_neggrad_plus(alpha):
-    """NegGrad+ (Kurmanji et al. 2023), RUM's choice for every third: L = α·NLL_θ(r) − (1 − α)·NLL_θ(f)."""
-    return lambda model, ref, f, r, cfg: alpha * nll(model, r) - (1 - alpha) * nll(model, f)
+    """NegGrad+ (Kurmanji et al. 2023), RUM's choice for every third: L = α·NLL_θ(r) − (1 − α)·NLL_θ(f). Its
+    epoch is a pass over the retain set, the forget batches cycled (RUM's unlearn/neggrad.py line 23:
+    `zip(r_loader, cycle(f_loader))`): on `people` 125 steps an epoch (1000 retain records, batch 8)."""
+    def loss(model, ref, f, r, cfg):
+        return alpha * nll(model, r) - (1 - alpha) * nll(model, f)
+    loss.epoch = "retain"
+    return loss
 
 
 # (third, loss, share of the epoch budget), low -> medium -> high memorization. "mixed", the default, gives
@@ -970,8 +1019,9 @@ def apply_method(method, model, target, forget, retain, data, cfg, thresholds, e
     loss, _, adapter = method.partition("_")  # "ih_flora" -> inverted hinge on a FILA-initialised LoRA
     if adapter:
         add_adapters(model, adapter, forget, retain, cfg)
+    # plain `ga` is Jang et al.'s method, whose code clips no gradient (no gradient_clip_val in run.py's Trainer)
     result = unlearn(model, Frozen(model) if adapter else target, [LOSS_FNS[loss]], forget, retain, cfg, thresholds,
-                     cfg.lora_lr if adapter else cfg.lr, cfg.epochs, method)
+                     cfg.lora_lr if adapter else cfg.lr, cfg.epochs, method, clip=None if method == "ga" else 1.0)
     merge_adapters(model)
     return result
 
@@ -1049,7 +1099,8 @@ REPORT_ROWS = (
     ("forget quality (KS p)", ("forget_quality",), "↑"),
     ("TOFU forget quality", ("tofu", "forget_quality"), "↑"), ("TOFU model utility", ("tofu", "model_utility"), "↑"),
     ("TOFU forget probability", ("tofu", "forget_Q_A_Prob"), "↓"), ("TOFU forget ROUGE-L", ("tofu", "forget_Q_A_ROUGE"), "↓"),
-    ("TOFU forget truth ratio", ("tofu", "forget_truth_ratio"), "↑"))
+    ("TOFU forget truth ratio", ("tofu", "forget_truth_ratio"), "↑"),
+    ("TOFU privleak", ("tofu", "privleak"), "≈"), ("TOFU extraction strength", ("tofu", "extraction_strength"), "↓"))
 
 
 def report(method, res, before, oracle, thresholds, el_n=10):
@@ -1168,7 +1219,7 @@ def thresholds_for(meta, before, cfg):
     if rule.get("rule") == "thresholds":
         out = {"ma": rule["ma"], "el10": rule["el10"], "source": rule["source"]}
         if "icu" in rule:
-            out["icu"] = {k: rule["icu"][k] for k in ("ma", "el10", "source")}
+            out["icu"] = {k: rule["icu"][k] for k in ("ma", "el10", "source", "el_first") if k in rule["icu"]}
         return out
     if rule.get("rule") == "fixed budget":
         return None
@@ -1284,6 +1335,8 @@ def run(cfg):
                 failed.append(method)
                 break
             runs.append(res)
+            if k == 0:  # the first seed's model is the one exported: results.json's `after` is its numbers
+                exported = model
         if not runs:
             continue
         res = dict(runs[0], dataset=cfg.dataset, thresholds=thresholds, before=before, config=asdict(cfg),
@@ -1298,8 +1351,9 @@ def run(cfg):
             print("| proxy | Spearman vs loss gap (oracle - target) | cost s |\n|---|---|---|")
             for name, q in res["rum"]["quality"].items():
                 print(f"| {name} | {q['spearman']:.3f} | {q['cost_s']:.2f} |")
-        if cfg.init_from != "scratch":  # the last seed's model, ready for the rest of the ecosystem
-            res["model_dir"] = export(model, tok, os.path.join(cfg.out_dir, method, "model"))
+        if cfg.init_from != "scratch":  # seed cfg.seed's model (its numbers are `after`), for the rest of the ecosystem
+            res["model_dir"] = export(exported, tok, os.path.join(cfg.out_dir, method, "model"))
+            res["model_seed"] = cfg.seed
         write_json(os.path.join(cfg.out_dir, method, "results.json"), res)
         summary[method] = runs
         print(report(method, res, before, columns.get("oracle"), thresholds, cfg.el_n))

@@ -167,6 +167,7 @@ class Formatter:
 # the prepared format every data/<name>/prepare.py writes and unlearn.py reads
 #
 #   <out_dir>/<split>.npz   ids  int32 [n, L]  each row: bos, then the record's tokens, then eot; eot-padded
+#                                              (meta row_start 0: no bos, the row starts with the record: TDEC)
 #                           kind uint8 [n, L]  what position t holds, and so whether its token is scored:
 #                                              0 not scored (bos, a prompt, padding), 1 text (template words,
 #                                              an answer, code), 2 a fact, 3 a secret (only memorization can
@@ -177,6 +178,7 @@ class Formatter:
 # forget and retain are required; holdout (never trained on) is optional.
 
 NOT_SCORED, TEXT, FACT, SECRET = 0, 1, 2, 3
+FORMAT = 2  # written into meta.json; a cache of another format is prepared again (2: TDEC's rows lost their bos)
 
 
 def encode_segments(tok, segments):
@@ -204,6 +206,7 @@ def save_split(out_dir, name, rows, eot):
 
 
 def save_meta(out_dir, meta):
+    meta = dict(meta, format=FORMAT)
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -225,7 +228,8 @@ def prepared(data_dir, dataset, tok, forget_set=""):
         folder = prepare_records(data_dir, dataset, tok)
     else:
         folder = os.path.join(data_dir, dataset, tok.tag + (f"-{forget_set}" if forget_set else ""))
-    if not os.path.exists(os.path.join(folder, "meta.json")):
+    if not os.path.exists(os.path.join(folder, "meta.json")) or \
+            (dataset in known_datasets() and read_meta(folder).get("format") != FORMAT):  # an older format: again
         argv = ["--tokenizer", tok.name, "--out_dir", folder] + (["--forget_set", forget_set] if forget_set else [])
         print(f"data: preparing {folder} with data/{dataset}/prepare.py {' '.join(argv)}")
         spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", os.path.join(HERE, dataset, "prepare.py"))
@@ -236,9 +240,12 @@ def prepared(data_dir, dataset, tok, forget_set=""):
         except SystemExit as e:  # prepare.py's own one-line errors
             if e.code:
                 raise ValueError(str(e.code).removeprefix("error: ")) from None
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(folder)
     return folder, meta, {name: np.load(os.path.join(folder, f"{name}.npz")) for name in meta["splits"]}
+
+def read_meta(folder):
+    with open(os.path.join(folder, "meta.json")) as f:
+        return json.load(f)
 
 # ----------------------------------------------------------------------------------------------------
 # your own records: a folder of .jsonl files (the format is in this file's docstring)
@@ -381,6 +388,7 @@ class Split:
         self.start = start  # row position of the record's first token: 1 after the bos, 0 without (TDEC)
         self.events = None  # the forget split: per row, the learning events of the target's training (RUM)
         self.decode = None  # token ids -> text (load_data sets it)
+        self.eot = None  # the end-of-text id in the model's vocabulary (load_data sets it)
 
     def __len__(self):
         return len(self.rows)

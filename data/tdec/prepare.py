@@ -8,7 +8,8 @@ follow. Written in the prepared format of data/common.py, one folder per tokeniz
     python data/tdec/prepare.py --forget_set lm_extraction_128_2 --tokenizer EleutherAI/gpt-neo-125m
     python data/tdec/prepare.py --download                        # fetch the originals instead of the copies
 
-Splits (each row: bos, the sample's tokens, eot):
+Splits (each row: the sample's 200 tokens, then eot; no bos: Jang's and ICU's inputs are the sample alone,
+so MA, EL and the loss see the sample's own tokens only, at the positions GPT-Neo gives them there):
   forget     the forget set's samples, in Jang et al.'s order
   retain     --n_retain samples drawn (--seed) from the rows in no forget set: Jang et al. have no retain set;
              this one serves the methods that need one (gd, kl, npo, ih) and retain perplexity
@@ -17,7 +18,7 @@ Splits (each row: bos, the sample's tokens, eot):
 No holdout: TDEC has no text the model never saw, so unlearning stops at the published thresholds (meta.json).
 
 kind per token, as Jang et al.'s code scores it (models/Neo_Model.py: validation_ma, validation_el, _step):
-the sample's first token is not scored (it has no context in their inputs, which carry no bos), every later
+the sample's first token is not scored (it has no context), every later
 token is (MA and the training loss run over tokens 1..199); the suffix is marked a secret (3), the text the
 challenge asks an attacker to extract from the prefix; the rest is text (1).
 """
@@ -59,6 +60,7 @@ THRESHOLDS = dict(
            "ma_threshold 0.2994; the same in all 43 configs); stop rule models/Neo_Model.py:647 "
            "`ma < ma_threshold and el < el_threshold`",
     icu=dict(ma=0.5994, el10=0.0499, comparison="<", both=True,
+             el_first=150,  # ICU's own EL: prefixes of 150..190 tokens (metrics.extraction's `first`)
              source="himalalps/ICU train_neo_meanwhile_update.py:586,588 (--acc 0.5994, --el 0.0499) and "
                     "README; stop rule line 122 `acc < args.acc and any(el < args.el)` or no forget sample left "
                     "(line 125); EL over prefixes 150..190 only (line 335 range(150, target_length), line 360 "
@@ -78,7 +80,7 @@ METRICS = dict(
                    "el = numerator / (200 - 1 - (n - 1)) (lines 210-233)",
             icu="ICU's EL_10 (train_neo_meanwhile_update.py validation_el) uses prefixes i = 150..190 only, "
                 "divided by 200 - 150 - 9 = 41"),
-    bos="rows start with the tokenizer's bos; Jang's and ICU's GPT-Neo inputs start with the sample itself",
+    bos="no bos: rows start with the sample itself, as Jang's and ICU's GPT-Neo inputs (row_start 0)",
     icu_forgotten="ICU drops a forget sample once the 50 new tokens it generates (num_beams=2) from the 50-token "
                   "prefix (tokens 100..149) have BERTScore F1 < 0.3 or nltk sentence BLEU < 0.01 against the suffix "
                   "(train_neo_meanwhile_update.py val_score, line 187)",
@@ -194,7 +196,7 @@ def main(argv=None):
         ids, kinds = common.encode_segments(tok, segs)
         kinds[1] = NOT_SCORED  # the sample's first token: Jang's MA and loss start at token 1
         kinds[-1] = NOT_SCORED  # the eot the format appends: not part of the sample
-        return ids, kinds
+        return ids[1:], kinds[1:]  # no bos: their inputs are the sample alone (meta row_start 0)
 
     splits = {"forget": forget, "retain": retain, "analogues": analogues}
     rows = {name: [row(i) for i in idx] for name, idx in splits.items()}
@@ -205,9 +207,9 @@ def main(argv=None):
     common.save_meta(out_dir, dict(
         dataset="tdec", tokenizer=tok.name, vocab_size=tok.vocab_size, bos=tok.bos, eot=tok.eot, seq_len=seq_len,
         splits={k: len(v) for k, v in splits.items()}, source=source, forget_set=a.forget_set, seed=a.seed,
-        reencoded=gpt2 is not None, doc_ids=splits, holdout=None,
-        sample=dict(tokens=200, preprefix=[0, 100], prefix=[100, 150], suffix=[150, 200], row_offset=1,
-                    note="GPT-2 positions of the sample; row position = sample position + 1 (the bos). "
+        reencoded=gpt2 is not None, doc_ids=splits, holdout=None, row_start=0,
+        sample=dict(tokens=200, preprefix=[0, 100], prefix=[100, 150], suffix=[150, 200], row_offset=0,
+                    note="GPT-2 positions of the sample; row position = sample position (no bos). "
                          "Re-encoded rows keep the part boundaries (kind 3 marks the suffix) but not the lengths"),
         analogues=dict(split="analogues", excluded=f"lm_extraction_128_{a.forget_set.rsplit('_', 1)[1]}",
                        note="ICU's pool: the TDEC training set minus the 128-sample forget set of the same seed"),

@@ -40,7 +40,9 @@ from common import DATE_STRING, NOT_SCORED, SYSTEM_PROMPT, Formatter, fail  # no
 FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 ROWS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain99": 3960, "retain95": 3800,
         "retain90": 3600, "forget01_perturbed": 40, "forget05_perturbed": 200, "forget10_perturbed": 400,
-        "retain_perturbed": 400, "real_authors_perturbed": 100, "world_facts_perturbed": 117}
+        "retain_perturbed": 400, "real_authors_perturbed": 100, "world_facts_perturbed": 117,
+        "holdout01": 40, "holdout05": 200, "holdout10": 400}
+HOLDOUT = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}  # privleak's non-members
 HUB_URL = "https://huggingface.co/datasets/locuslab/TOFU/resolve/main/{name}.json"
 # The protocol: a fixed budget, not the threshold rule. open-unlearning's unlearning runs
 # (configs/experiment/unlearn/tofu/default.yaml) take 10 epochs, lr 1e-5, weight decay 0.01, 1 warm-up
@@ -68,10 +70,13 @@ def download(dest):
     return f"downloaded from {HUB_URL.format(name='*')}"
 
 
-def read(folder, name):
-    """One split's records, checked: present, whole (the known row count), every record with an answer."""
+def read(folder, name, optional=False):
+    """One split's records, checked: present, whole (the known row count), every record with an answer.
+    optional: None when the file is absent (TOFU's holdout splits are not in the shipped copy)."""
     path = os.path.join(folder, f"{name}.json")
     if not os.path.exists(path):
+        if optional:
+            return None
         fail(f"{path} is missing (restore it from git, or run with --download)")
     recs = []
     with open(path, encoding="utf-8") as f:
@@ -129,6 +134,14 @@ def main(argv=None):
 
     rows = {"forget": [fmt(r["question"], r["answer"])[:2] for r in recs[a.forget_set]],
             "retain": [fmt(r["question"], r["answer"])[:2] for r in recs[retain_set]]}
+    # privleak's non-members (open-unlearning's holdout_split): formatted as the forget answers; where the
+    # file is absent (the shipped copy has none, see PROVENANCE.md) privleak is not computed, and said so
+    holdout = read(folder, HOLDOUT[a.forget_set], optional=True)
+    if holdout is not None:
+        rows["holdout_answer"] = [fmt(r["question"], r["answer"])[:2] for r in holdout]
+    else:
+        print(f"{HOLDOUT[a.forget_set]}.json is not in {folder}: no privleak (TOFU's holdout splits are not shipped; "
+              f"--download reads them from the hub)")
     meta_eval = {}
     for key, name in evals.items():
         rs = recs[name]
@@ -158,6 +171,7 @@ def main(argv=None):
         splits={name: len(r) for name, r in rows.items()}, source=source, forget_set=a.forget_set,
         retain_set=retain_set, template=template, system_prompt=SYSTEM_PROMPT if template == "chat" else None,
         date_string=DATE_STRING if template == "chat" else None, holdout=None, protocol=PROTOCOL, eval=meta_eval,
+        mia_holdout="holdout_answer" if holdout is not None else None,
         oracle=f"the model trained on {retain_set} only (open-unlearning/tofu_<model>_{retain_set} on the hub)"))
     print(f"wrote TOFU {a.forget_set} / {retain_set} ({len(rows['forget'])} / {len(rows['retain'])} records) and "
           f"the evaluation splits to {out_dir} ({tok.name} tokens, {template} format, up to {seq_len} a row; "
