@@ -236,7 +236,7 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
             out[name]["secrets"] = secret_report(split, got, meta.get("lines", {}).get("forget"))
         i += len(split)
     if "holdout" in data:  # membership inference: forget (trained on) against holdout (never)
-        texts = {s: [meta["decode"](r[1:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
+        texts = {s: [meta["decode"](r[data[s].start:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
                  for s in ("forget", "holdout")}
         mf, mh = (mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
         known = lambda v: v[~np.isnan(v)]  # a per-kind score exists for the samples holding that kind
