@@ -528,8 +528,8 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
     (Jang's and ICU's code clip nothing; the project's other methods clip at 1.0).
     loss_fns: the loss of each epoch, cycled (EUL alternates a retain and a forget epoch; most have one). A loss
     says which rows it reads (`uses`, default both: no batch is made of rows it ignores) and what its epoch is
-    a pass over (`epoch`: "forget" by default; "retain" for EUL's retain epochs and RUM's NegGrad+, whose
-    forget batches then cycle: RUM's neggrad.py `zip(r_loader, cycle(f_loader))`).
+    a pass over (`epoch`: "forget" by default; "retain" for RUM's NegGrad+, whose forget batches then cycle:
+    RUM's neggrad.py `zip(r_loader, cycle(f_loader))`).
     pairs: the retain row paired with each forget row (ICU's analogues); default as many random retain rows.
     refine: a per-sample test, model -> bool [len(forget)] (True: forgotten), run before the first epoch and
     after each (ICU): as ICU's code, every epoch still batches all samples and masks the forgotten ones (and
@@ -797,8 +797,8 @@ def fuse(weights, grams_):
 
 def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
     """One EUL request: a fresh unlearning layer in every block on the frozen base, trained alternating a
-    retain epoch, then a forget epoch, as the paper orders them; its weights and Gram matrices join `requests`, and the model gets the fusion
-    of all requests so far (for a single request, the layer itself)."""
+    retain epoch, then a forget epoch, as the paper orders them; its weights and Gram matrices join
+    `requests`, and the model gets the fusion of all requests so far (for a single request, the layer itself)."""
     blocks = model.transformer.h
     layers = [UnlearnLayer(model.config.n_embd, cfg.rank).to(cfg.device) for _ in blocks]
     model.requires_grad_(False)
