@@ -34,9 +34,10 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    bias: bool = True             # biases of the norms, the MLP and the attention output (GPT-2: everywhere)
+    bias: bool = True             # biases of the norms and the MLP (GPT-2: everywhere; Llama: mlp_bias)
     # The defaults below are GPT-2; GPT-Neo and Llama checkpoints set them (see config_from_hf()).
-    qkv_bias: bool | None = None  # biases of q, k, v; None: as `bias` (GPT-Neo has none, Llama has attention_bias)
+    qkv_bias: bool | None = None  # biases of q, k, v; None: as `bias` (GPT-Neo has none, Llama: attention_bias)
+    out_bias: bool | None = None  # bias of the attention output; None: as `bias` (Llama: attention_bias)
     fused_qkv: bool = True        # one c_attn linear for q, k, v (GPT-2); else q_proj, k_proj, v_proj
     n_kv_head: int | None = None  # grouped-query attention: heads of k and v; None: n_head
     head_dim: int | None = None   # None: n_embd // n_head
@@ -168,7 +169,7 @@ class CausalSelfAttention(nn.Module):
             self.q_proj = LoRALinear(config.n_embd, q_dim, bias=qkv_bias)
             self.k_proj = LoRALinear(config.n_embd, kv_dim, bias=qkv_bias)
             self.v_proj = LoRALinear(config.n_embd, kv_dim, bias=qkv_bias)
-        self.c_proj = LoRALinear(q_dim, config.n_embd, bias=config.bias)
+        self.c_proj = LoRALinear(q_dim, config.n_embd, bias=config.bias if config.out_bias is None else config.out_bias)
         self.window, self.scale = window, config.attn_scale
 
     def forward(self, x, rope=None, cache=None):
@@ -372,7 +373,10 @@ class GPT(nn.Module):
                     for key in f.keys():
                         ours = key if key in wanted else "transformer." + key  # hub "gpt2" has no prefix
                         if ours not in wanted:
-                            continue  # buffers such as GPT-2's attn.bias, or a tied lm_head.weight
+                            if not_a_weight(key, model.config):
+                                continue
+                            raise ValueError(f"{folder} holds {key}, which this model has no place for: "
+                                             f"its config.json does not describe these weights")
                         name, p = wanted.pop(ours)
                         t = f.get_tensor(key)
                         if hf["model_type"] == "gpt2" and name.endswith(CONV1D):
@@ -447,6 +451,14 @@ HF_NAMES = {
 }
 
 
+def not_a_weight(key, config):
+    """Checkpoint entries that are not weights, or not weights of their own: GPT-2's and GPT-Neo's causal-mask
+    buffers (attn.bias, attn.masked_bias; attn.attention.* in GPT-Neo), Llama's rotary inv_freq buffer, and
+    lm_head.weight when the head is tied to the embedding. Any other unread key is an error, never skipped."""
+    return bool(re.search(r"(^|\.)attn(\.attention)?\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$", key)) or \
+        (key == "lm_head.weight" and config.tie_embeddings)
+
+
 def hf_name(name, model_type):
     top, block = HF_NAMES[model_type]
     m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)", name)
@@ -473,7 +485,9 @@ def config_from_hf(c):
             block_size=c.get("max_position_embeddings", 2048), vocab_size=c.get("vocab_size", 32000),
             n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
             n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
+            # transformers' LlamaAttention: attention_bias on q, k, v and o; LlamaMLP: mlp_bias on its three linears
             n_inner=c["intermediate_size"], bias=c.get("mlp_bias", False), qkv_bias=c.get("attention_bias", False),
+            out_bias=c.get("attention_bias", False),
             fused_qkv=False, mlp="swiglu", norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
             pos="rope", rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
             rope_scaling=None if rope_type == "default" else rope, tie_embeddings=c.get("tie_word_embeddings", False))

@@ -583,6 +583,13 @@ FAMILIES = {
                                         max_position_embeddings=64, rope_theta=10000.0, rope_scaling=dict(
                                             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                             original_max_position_embeddings=16))),
+    # transformers' bias fields, one at a time: attention_bias on q, k, v and o; mlp_bias on gate, up and down
+    "llama_attention_bias": ("LlamaForCausalLM", dict(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=64, attention_bias=True)),
+    "llama_mlp_bias": ("LlamaForCausalLM", dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                                max_position_embeddings=64, mlp_bias=True)),
 }
 
 
@@ -764,6 +771,30 @@ def test_from_pretrained_bad_input(tmp_path):
         GPT.from_pretrained(str(tmp_path / "noweights"))
     with pytest.raises(ValueError, match="cannot download .* pass a local folder"):  # offline here: fast
         GPT.from_pretrained(str(tmp_path / "no-such-folder"))
+
+
+@one_thread
+def test_from_pretrained_reads_every_key(tmp_path):
+    """A checkpoint key the model does not read is an error naming it (here a Llama's o_proj bias under a config
+    without attention_bias: silently skipped, the logits would be wrong); GPT-2's mask buffers and a stored tied
+    lm_head are not weights of their own and load."""
+    from safetensors.torch import load_file, save_file
+    _, folder = hf_checkpoint("llama", tmp_path / "llama")
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.bias"] = torch.ones(32)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"holds model\.layers\.1\.self_attn\.o_proj\.bias, which this model has no place"):
+        GPT.from_pretrained(folder)
+    hf, folder = hf_checkpoint("gpt2", tmp_path / "gpt2")
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}  # the hub's gpt2 layout, no prefix
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    tensors["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    tensors["lm_head.weight"] = tensors["wte.weight"].clone()
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    x = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert rel(logits(GPT.from_pretrained(folder), x), hf(x).logits) < 1e-5
 
 
 # ---- unlearn.py: metrics on hand-made cases ------------------------------------------------------------
@@ -1098,6 +1129,89 @@ def test_bad_input_requests_and_sizes(tiny, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_bad_input_cuda_without_gpu(tiny, capsys):
     fails_with(tiny["argv"] + ["--device", "cuda"], capsys, "no CUDA GPU")
+
+
+# ---- caches keyed by content (issue 17) ------------------------------------------------------------------
+def save_bpe_tokenizer(folder, vocab_size):
+    """A byte-level BPE trained on people records, saved as transformers files (different sizes: other ids)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+    import random
+    rng = random.Random(0)
+    texts = ["".join(t for t, _ in unlearn.people.person(rng, f"{f} {l}"))
+             for f in unlearn.people.FIRST for l in unlearn.people.LAST]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                               bos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def test_prepared_data_keyed_by_tokenizer_content(tmp_path, monkeypatch, capsys):
+    """Two folders named m with different tokenizers: --init_from m from each prepares its own ids (the first's
+    would decode to garbage with the second); --init_from . caches under the folder's name, not data/people/."""
+    common = unlearn.common
+    for sub, size in (("a", 300), ("b", 420)):
+        save_bpe_tokenizer(tmp_path / sub / "m", size)
+    data_dir = str(tmp_path / "data")
+    decoded = []
+    for sub in ("a", "b", "a"):
+        monkeypatch.chdir(tmp_path / sub)
+        tok = common.load("m")
+        folder, meta, arrays = common.prepared(data_dir, "people", tok)
+        assert folder == os.path.join(data_dir, "people", "m")
+        row, kind = arrays["forget"]["ids"][0], arrays["forget"]["kind"][0]
+        decoded.append(tok.decode(row[1:(kind > 0).nonzero()[0][-1]].tolist()))
+        assert " was born on " in decoded[-1] and "Phone:" in decoded[-1]
+    out = capsys.readouterr().out
+    assert out.count("prepared with another tokenizer than this m") == 2
+    assert decoded[0] == decoded[1] == decoded[2]  # the same record, tokenized by each
+    common.prepared(data_dir, "people", tok)
+    assert "preparing" not in capsys.readouterr().out  # unchanged: reused
+    monkeypatch.chdir(tmp_path / "b" / "m")
+    folder, _, _ = common.prepared(data_dir, "people", common.load("."))
+    assert folder == os.path.join(data_dir, "people", "m")
+    assert unlearn.parse_args(["--init_from", "."]).out_dir == os.path.join("out", "people-m")
+
+
+def test_prepared_data_keyed_by_source_files(tmp_path, monkeypatch, capsys):
+    """A dataset's source files are part of the key: editing one (here a forget_sets.json beside a copy of
+    people's prepare.py) prepares again and says why."""
+    common = unlearn.common
+    (tmp_path / "src" / "toy").mkdir(parents=True)
+    __import__("shutil").copy(os.path.join(unlearn.ROOT, "data", "people", "prepare.py"), tmp_path / "src" / "toy")
+    (tmp_path / "src" / "toy" / "forget_sets.json").write_text('{"a": [1, 2]}')
+    os.symlink(os.path.join(unlearn.ROOT, "data", "gpt2.tiktoken"), tmp_path / "src" / "gpt2.tiktoken")
+    monkeypatch.setattr(common, "HERE", str(tmp_path / "src"))
+    tok = common.load("gpt2")
+    common.prepared(str(tmp_path / "data"), "toy", tok)
+    assert "is missing; preparing" in capsys.readouterr().out
+    common.prepared(str(tmp_path / "data"), "toy", tok)
+    assert "preparing" not in capsys.readouterr().out
+    (tmp_path / "src" / "toy" / "forget_sets.json").write_text('{"a": [1, 3]}')
+    common.prepared(str(tmp_path / "data"), "toy", tok)
+    assert "prepared from other files of data/toy/" in capsys.readouterr().out
+
+
+@one_thread
+def test_target_cache_keyed_by_checkpoint_content(tmp_path):
+    """A checkpoint rewritten in place changes the target's fingerprint (weights part only), whole-file hashed
+    or, for big files, by header and slices; the data and settings parts stay."""
+    from safetensors.torch import load_file, save_file
+    _, folder = hf_checkpoint("gpt2", tmp_path / "ckpt")
+    cfg = unlearn.parse_args(["--init_from", folder])
+    split = hand_split([[0, 1, 2, 3]], [4], [[]])
+    before = unlearn.fingerprint(cfg, {}, [split])
+    sliced = unlearn.checkpoint_key(folder, whole=0, slices=4, slice_size=64)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    tensors = {k: v + 0.01 for k, v in tensors.items()}  # other weights, same names, shapes and sizes
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    after = unlearn.fingerprint(cfg, {}, [split])
+    assert after["weights"] != before["weights"] and {k: after[k] for k in ("data", "settings")} == \
+        {k: before[k] for k in ("data", "settings")}
+    assert unlearn.checkpoint_key(folder, whole=0, slices=4, slice_size=64) != sliced
+    assert unlearn.fingerprint(cfg, {}, [split]) == after  # the same files, the same key
 
 
 # ---- the other seeds' pieces, on cases with known answers -------------------------------------------------

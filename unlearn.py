@@ -236,12 +236,40 @@ def train(model, data, holdout, cfg, name, watch=None):
 
 
 def fingerprint(cfg, meta, splits):
-    """What a cached model depends on: its training data and every training setting. A mismatch retrains."""
+    """What a cached model depends on, in three parts, so that a mismatch can say which changed and retrain:
+    its training data, its training settings, and the weights it starts from (checkpoint_key)."""
     h = hashlib.sha256()
     for s in splits:
         h.update(s.rows.cpu().numpy().tobytes() + s.kind.cpu().numpy().tobytes())
     keys = ("init_from", "dtype", "n_layer", "n_head", "n_embd", "train_lr", "train_batch", "train_epochs", "patience", "seed")
-    h.update(json.dumps([getattr(cfg, k) for k in keys] + [meta.get("forget_repeats", 1)]).encode())
+    settings = hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys] + [meta.get("forget_repeats", 1)]).encode())
+    return dict(data=h.hexdigest()[:16], settings=settings.hexdigest()[:16],
+                weights="scratch" if cfg.init_from == "scratch" else checkpoint_key(cfg.init_from))
+
+
+def checkpoint_key(name, whole=2**30, slices=64, slice_size=2**20):
+    """A hash of a checkpoint's files (config.json, the shard index, every *.safetensors), so that a checkpoint
+    replaced at the same path is seen. A weights file up to `whole` bytes is hashed whole; a larger one by its
+    size, its header (names, shapes, dtypes, offsets) and `slices` slices spread evenly over it: 64 MiB read
+    for a 16 GB file instead of 16 GB, and new weights change every slice (an edit that misses all 64 would be missed)."""
+    from model import resolve
+    try:
+        folder = resolve(name)
+    except ValueError as e:
+        raise UserError(str(e))
+    h = hashlib.sha256()
+    for file in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json"))):
+        size = os.path.getsize(os.path.join(folder, file))
+        h.update(f"{file} {size}\n".encode())
+        with open(os.path.join(folder, file), "rb") as f:
+            if size <= whole or file.endswith(".json"):
+                h.update(f.read())
+                continue
+            header = int.from_bytes(f.read(8), "little")  # safetensors: 8-byte length, then the JSON header
+            h.update(f.read(header))
+            for k in range(slices):
+                f.seek(k * (size - slice_size) // (slices - 1))
+                h.update(f.read(slice_size))
     return h.hexdigest()[:16]
 
 
@@ -317,12 +345,16 @@ def load_or_train(cfg, meta, data, name, splits):
             model = GPT(GPTConfig(**ckpt["model_args"])).to(cfg.device, model_dtype(cfg))
             model.load_state_dict(ckpt["model"])
             model.hf_config = json.loads(ckpt.get("hf_config", "null"))
+            model.hf_generation_config = json.loads(ckpt.get("hf_generation_config", "null"))
         except Exception as e:  # corrupted, or from another version of this code
             raise UserError(f"cannot read {path} ({type(e).__name__}); delete it to train again")
         if ckpt.get("fingerprint") == fp:
             print(f"{name}: reusing {path}")
             return model.eval(), ckpt.get("events", {})
-        print(f"{name}: {path} was made from other data or settings; training again")
+        old = ckpt.get("fingerprint") if isinstance(ckpt.get("fingerprint"), dict) else {}
+        what = dict(data="data", settings="training settings", weights=f"weights (the files of {cfg.init_from} changed)")
+        changed = [what[k] for k in fp if old.get(k) != fp[k]] if old else ["code (an older version of unlearn.py)"]
+        print(f"{name}: {path} was made from other {' and '.join(changed)}; training again")
     print(f"{name}: training on {' + '.join(splits)}")
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "scratch":
@@ -334,9 +366,10 @@ def load_or_train(cfg, meta, data, name, splits):
     events = train(model, cat(*train_on), data.get("holdout"), cfg, name, watch=data["forget"] if name == "target" else None)
     model.checkpointing = False
     model.to(model_dtype(cfg))  # trained with fp32 master weights, kept (and frozen from now on) in the run's dtype
-    tmp = path + ".tmp"  # written whole, then renamed: never a half-written checkpoint
+    tmp = common.tmp_name(path)  # written whole, then renamed: never a half-written checkpoint
     torch.save({"model_args": asdict(model.config), "model": model.state_dict(), "fingerprint": fp,
-                "events": events, "hf_config": json.dumps(model.hf_config)}, tmp)
+                "events": events, "hf_config": json.dumps(model.hf_config),
+                "hf_generation_config": json.dumps(model.hf_generation_config)}, tmp)
     os.replace(tmp, path)
     return model, events
 

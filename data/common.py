@@ -44,6 +44,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPT2_EOT = 50256
+PROBE = "Unlearning: 0123456789 café, naïve — 😀 <code>x = y[i] + 1</code>\n\tEnd."  # ids tell tokenizers apart
 
 
 class Tokenizer:
@@ -53,8 +54,23 @@ class Tokenizer:
 
     @property
     def tag(self):
-        """A folder-safe name: prepared data is cached per tokenizer under data/<dataset>/<tag>/."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "--", self.name.strip("/")).strip("-")[-80:]
+        """A folder-safe name: prepared data is cached per tokenizer under data/<dataset>/<tag>/. A name made of
+        dots and slashes only ("." or "..") is the folder's own name: never "." or ".." as a folder."""
+        name = self.name if self.name.strip("./") else os.path.basename(os.path.abspath(self.name)) or "root"
+        return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("/")).strip("-")[-80:]
+
+    @property
+    def key(self):
+        """A hash of what decides the ids: the vocabulary, the special tokens and the ids of a probe (the
+        normalizer and pre-tokenizer). Two tokenizers under one name get two keys."""
+        if self.hf is None:  # tiktoken: the merge table and its one special token
+            with open(os.path.join(HERE, "gpt2.tiktoken"), "rb") as f:
+                parts = [f.read(), b"<|endoftext|>=%d" % GPT2_EOT]
+        else:
+            parts = [json.dumps(sorted(self.hf.get_vocab().items())).encode(),
+                     json.dumps([self.hf.all_special_tokens, self.hf.all_special_ids]).encode()]
+        parts.append(json.dumps([self.encode(PROBE), self.bos, self.eot]).encode())
+        return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
 def gpt2():
@@ -73,7 +89,7 @@ def load(name):
         return gpt2()
     try:
         from transformers import AutoTokenizer
-        hf = AutoTokenizer.from_pretrained(name)
+        hf = AutoTokenizer.from_pretrained(name if os.path.isdir(name) else hub_folder(name))
     except Exception as e:  # a missing folder, no network, no tokenizer files: one line for the user
         raise ValueError(f"cannot load the tokenizer of '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          f"pass a local folder with the checkpoint's tokenizer files") from None
@@ -86,6 +102,49 @@ def load(name):
     gpt2_bpe = len(hf) == GPT2_EOT + 1 and hf.encode(probe, add_special_tokens=False) == gpt2().encode(probe)
     return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False),
                      lambda ids: hf.decode(ids, skip_special_tokens=False), bos, eot, len(hf), gpt2_bpe, hf)
+
+
+def hub_folder(name):
+    """The local folder of a hub id's tokenizer files. huggingface_hub fails in about a second without network
+    (or serves its cache), where AutoTokenizer.from_pretrained(id) would retry each file for ~50 s."""
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name, allow_patterns=["tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                                                   "vocab.*", "merges.txt", "*.model", "*.tiktoken", "config.json"])
+
+
+def save_tokenizer(tok, folder):
+    """The tokenizer as transformers files in `folder`. tiktoken's GPT-2 BPE becomes a GPT2TokenizerFast built from
+    the shipped merge table: the vocabulary is its ranks, and each token's merge is the pair BPE joins last when
+    it may use only lower ranks (how tiktoken's ranks encode GPT-2's merges.txt). Checked on a probe."""
+    if tok.hf is not None:
+        return tok.hf.save_pretrained(folder)
+    import tempfile
+    from tiktoken.load import load_tiktoken_bpe
+    from transformers import GPT2TokenizerFast
+    ranks = load_tiktoken_bpe(os.path.join(HERE, "gpt2.tiktoken"))
+    # GPT-2's printable stand-in for each byte: printable Latin-1 bytes are themselves, the others 256, 257, ...
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    char = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    text = lambda b: "".join(char[x] for x in b)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([x]) for x in token]
+        while len(parts) > 2:  # BPE on the token's bytes, lower ranks only: it stops at two parts
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], float("inf")))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(f"{text(parts[0])} {text(parts[1])}")
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump({**{text(t): r for t, r in ranks.items()}, "<|endoftext|>": GPT2_EOT}, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        hf = GPT2TokenizerFast(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                               unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    if hf.encode(PROBE) != tok.encode(PROBE):
+        raise ValueError("the GPT-2 tokenizer built from data/gpt2.tiktoken encodes differently than tiktoken")
+    hf.save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,8 +232,8 @@ class Formatter:
 #                                              an answer, code), 2 a fact, 3 a secret (only memorization can
 #                                              reproduce it); the token at t is predicted from ids[:t]
 #   <out_dir>/meta.json     dataset, tokenizer, vocab_size, bos, eot, seq_len, splits {name: rows}, source,
-#                           and what the dataset adds (TDEC its thresholds, TOFU its protocol); written last,
-#                           so its presence means "prepared"
+#                           key (data_key: what the ids were made from), and what the dataset adds (TDEC its
+#                           thresholds, TOFU its protocol); written last, so its presence means "prepared"
 # forget and retain are required; holdout (never trained on) is optional.
 
 NOT_SCORED, TEXT, FACT, SECRET = 0, 1, 2, 3
@@ -192,6 +251,29 @@ def encode_segments(tok, segments):
     return ids + [tok.eot], kinds + [TEXT if kinds[-1] != NOT_SCORED else NOT_SCORED]
 
 
+def tmp_name(path):
+    """A temporary name beside `path` that no other process uses (two runs may share a folder); the pid in it
+    tells a later run whether its writer is still alive (unlearn.py cleans up after dead ones)."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def source_files(folder):
+    """The files a dataset is made from: every file directly in its folder (prepare.py, the shipped data,
+    TDEC's forget_sets.json, ...); prepared folders below it are not."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+
+
+def data_key(tok, sources):
+    """What prepared ids depend on: "<tokenizer key>-<hash of the source files' names and bytes>". Stored in
+    meta.json; prepared() prepares again when either part differs (and says which)."""
+    h = hashlib.sha256()
+    for path in sources:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return f"{tok.key}-{h.hexdigest()[:16]}"
+
+
 def save_split(out_dir, name, rows, eot):
     """rows: [(ids, kinds)] -> <out_dir>/<name>.npz, padded with eot (kind 0); returns the row length."""
     L = max(len(ids) for ids, _ in rows) if rows else 1
@@ -199,17 +281,17 @@ def save_split(out_dir, name, rows, eot):
     kind = np.zeros((len(rows), L), dtype=np.uint8)
     for i, (r, k) in enumerate(rows):
         ids[i, :len(r)], kind[i, :len(k)] = r, k
-    tmp = os.path.join(out_dir, f"{name}.tmp.npz")
+    tmp = tmp_name(os.path.join(out_dir, name)) + ".npz"  # np.savez appends .npz to a name without it
     np.savez(tmp, ids=ids, kind=kind)
     os.replace(tmp, os.path.join(out_dir, f"{name}.npz"))
     return L
 
 
-def save_meta(out_dir, meta):
-    meta = dict(meta, format=FORMAT)
-    tmp = os.path.join(out_dir, "meta.json.tmp")
+def save_meta(out_dir, meta, key):
+    """meta.json, with key = data_key(tok, the dataset's source files): what unlearn.py checks before reuse."""
+    tmp = tmp_name(os.path.join(out_dir, "meta.json"))
     with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
+        json.dump(dict(meta, format=FORMAT, key=key), f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
 
 
@@ -219,20 +301,40 @@ def known_datasets():
 
 def prepared(data_dir, dataset, tok, forget_set=""):
     """(folder, meta, {split: arrays}) of data_dir/<dataset>/<tokenizer tag>[-<forget_set>]/, prepared there
-    first by data/<dataset>/prepare.py when missing; for a folder of your own records (any other --dataset),
-    of data_dir/jsonl/<folder>-<key>/ (prepare_records). ValueError (one line) for what the user can fix."""
+    by data/<dataset>/prepare.py when missing, or when its key (data_key) says that the tokenizer or the
+    dataset's source files have changed since (one line says which); for a folder of your own records (any
+    other --dataset), of data_dir/jsonl/<folder>-<key>/ (prepare_records). ValueError (one line) for what the
+    user can fix."""
     if dataset not in known_datasets():
         if forget_set:
             raise ValueError(f"--forget_set chooses among a benchmark's forget sets; your folder {dataset} has "
                              f"forget.jsonl")
-        folder = prepare_records(data_dir, dataset, tok)
+        folder = prepare_records(data_dir, dataset, tok)  # its folder's name holds the key: nothing to compare
+        why, meta_path = None, os.path.join(folder, "meta.json")
     else:
         folder = os.path.join(data_dir, dataset, tok.tag + (f"-{forget_set}" if forget_set else ""))
-    if not os.path.exists(os.path.join(folder, "meta.json")) or \
-            (dataset in known_datasets() and read_meta(folder).get("format") != FORMAT):  # an older format: again
+        prepare, meta_path = os.path.join(HERE, dataset, "prepare.py"), os.path.join(folder, "meta.json")
+        if forget_set and "--forget_set" not in open(prepare).read():
+            raise ValueError(f"dataset '{dataset}' has no forget sets (data/{dataset}/prepare.py takes no --forget_set)")
+        why = "missing"
+        if os.path.exists(meta_path):
+            key, old = data_key(tok, source_files(os.path.dirname(prepare))), read_meta(meta_path).get("key")
+            if read_meta(meta_path).get("format") != FORMAT:
+                why = f"in an older format (not {FORMAT})"
+            elif old == key:
+                why = None
+            elif old is None:
+                why = "prepared by an older version (no key)"
+            elif old.split("-")[0] != key.split("-")[0]:
+                why = f"prepared with another tokenizer than this {tok.name}"
+            else:
+                why = f"prepared from other files of data/{dataset}/ (prepare.py or its data changed)"
+    if why:
+        if why != "missing":
+            os.remove(meta_path)  # "prepared" again only once every split is written
         argv = ["--tokenizer", tok.name, "--out_dir", folder] + (["--forget_set", forget_set] if forget_set else [])
-        print(f"data: preparing {folder} with data/{dataset}/prepare.py {' '.join(argv)}")
-        spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", os.path.join(HERE, dataset, "prepare.py"))
+        print(f"data: {folder} is {why}; preparing it with data/{dataset}/prepare.py {' '.join(argv)}")
+        spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", prepare)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         try:
@@ -240,28 +342,32 @@ def prepared(data_dir, dataset, tok, forget_set=""):
         except SystemExit as e:  # prepare.py's own one-line errors
             if e.code:
                 raise ValueError(str(e.code).removeprefix("error: ")) from None
-    meta = read_meta(folder)
-    return folder, meta, {name: np.load(os.path.join(folder, f"{name}.npz")) for name in meta["splits"]}
+    meta = read_meta(meta_path)
+    arrays = {}
+    for name in meta["splits"]:
+        path = os.path.join(folder, f"{name}.npz")
+        try:  # read now: a truncated or missing file is one line, not a traceback mid-run
+            with np.load(path) as z:
+                arrays[name] = {k: z[k] for k in ("ids", "kind")}
+        except Exception as e:  # noqa: BLE001 (missing, truncated, not an npz: one answer)
+            raise ValueError(f"cannot read {path} ({type(e).__name__}); delete {meta_path} to prepare the data again") from None
+    return folder, meta, arrays
 
-def read_meta(folder):
-    with open(os.path.join(folder, "meta.json")) as f:
-        return json.load(f)
 
-# ----------------------------------------------------------------------------------------------------
-# your own records: a folder of .jsonl files (the format is in this file's docstring)
+def read_meta(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({type(e).__name__}); delete it to prepare the data again") from None
 
-RECORD_KEYS = ("text", "question", "answer", "secrets")
+
 
 
 def content_key(tok, files):
-    """What a prepared folder depends on, hashed: the tokenizer (name, vocabulary size, special tokens and
-    the ids of a probe text) and the bytes of every source file. Another content: another folder."""
-    h = hashlib.sha256(json.dumps([tok.name, tok.vocab_size, tok.bos, tok.eot,
-                                   tok.encode("Unlearning: 0123456789 café, naïve — 😀 <b>x = y[i] + 1</b>")]).encode())
-    for path in files:
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read())
-    return h.hexdigest()[:12]
+    """What a prepared folder of your records depends on (data_key: the tokenizer's vocabulary, special tokens
+    and probe ids, and the bytes of every source file), short enough for a folder name."""
+    return hashlib.sha256(data_key(tok, files).encode()).hexdigest()[:12]
 
 
 def read_records(path):
@@ -367,7 +473,7 @@ def prepare_records(data_dir, folder, tok):
                             eot=tok.eot, seq_len=seq_len, splits={s: len(r) for s, r in rows.items()},
                             source=f"your records in {os.path.abspath(folder)}",
                             files={s: os.path.basename(p) for s, p in files.items()}, lines=lines,
-                            template=template if fmt is not None else None))
+                            template=template if fmt is not None else None), data_key(tok, files.values()))
     return out_dir
 
 # ----------------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def main(argv=None):
         protocol=dict(rule="thresholds", epochs_max=20, **THRESHOLDS,
                       epochs_source="Jang et al. configs/example.json num_train_epochs 20; one update an epoch "
                                     "(effective batch = forget set size, README 'Note'), Adam lr 5e-5, betas (0.9, 0.98)"),
-        metrics=METRICS))
+        metrics=METRICS), common.data_key(tok, common.source_files(HERE)))
     print(f"wrote TDEC {a.forget_set}: forget {len(forget)}, retain {len(retain)}, analogues {len(analogues)} "
           f"to {out_dir} ({tok.name} tokens, up to {seq_len} a row; source: {source})")
 

@@ -172,7 +172,8 @@ def main(argv=None):
         retain_set=retain_set, template=template, system_prompt=SYSTEM_PROMPT if template == "chat" else None,
         date_string=DATE_STRING if template == "chat" else None, holdout=None, protocol=PROTOCOL, eval=meta_eval,
         mia_holdout="holdout_answer" if holdout is not None else None,
-        oracle=f"the model trained on {retain_set} only (open-unlearning/tofu_<model>_{retain_set} on the hub)"))
+        oracle=f"the model trained on {retain_set} only (open-unlearning/tofu_<model>_{retain_set} on the hub)"),
+        common.data_key(tok, common.source_files(HERE)))
     print(f"wrote TOFU {a.forget_set} / {retain_set} ({len(rows['forget'])} / {len(rows['retain'])} records) and "
           f"the evaluation splits to {out_dir} ({tok.name} tokens, {template} format, up to {seq_len} a row; "
           f"source: {source})")
