@@ -46,6 +46,11 @@ def token_logprobs(model, split, batch_size=64):
 KINDS = (("text", common.TEXT), ("fact", common.FACT), ("secret", common.SECRET))
 
 
+def exp(x):
+    """e^x, inf past float's range: a diverged model's perplexity is reported as inf (JSON null), not an OverflowError."""
+    return math.exp(x) if x < 709 else math.inf
+
+
 def split_stats(model, split):
     """MA (mean over samples of the fraction of positions whose argmax is the true token), perplexity,
     and the per-sample quantities the MIAs, forget quality and RUM's proxies are made of. Per kind of token
@@ -62,7 +67,7 @@ def split_stats(model, split):
         if has.any():
             by_kind[f"ma_{name}"] = ((hit.float() * mask).sum(1)[has] / mask.sum(1)[has]).mean().item()
             by_kind[f"loss_{name}"] = -(logp * mask).sum().item() / mask.sum().item()
-    return dict(ma=ma.mean().item(), loss=loss, ppl=math.exp(loss), by_kind=by_kind,
+    return dict(ma=ma.mean().item(), loss=loss, ppl=exp(loss), by_kind=by_kind,
                 ma_per=ma, loss_per=-logp.sum(1) / count, logp=logp, count=count)
 
 
@@ -196,10 +201,10 @@ def fluency(model, judge, split, meta, real_nll=None):
                     lp, _ = token_stats(judge(x[:, :-1]).flatten(0, 1), judge.lm_head.weight, y[:, :-1].flatten())
                     nll_sum, count = nll_sum - lp.sum().item(), count + len(keep)
     res = {k: float(np.mean(v)) for k, v in out.items()}
-    res["ppl"] = math.exp(nll_sum / count) if count else float("nan")
+    res["ppl"] = exp(nll_sum / count) if count else float("nan")
     res["score"] = res["fidelity"] * (1 - res["repetition"])
     if real_nll is not None and count:
-        res["score"] *= min(1.0, math.exp(real_nll) / res["ppl"])
+        res["score"] *= min(1.0, exp(real_nll) / res["ppl"])
     return res
 
 

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -418,7 +417,10 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
         folder = os.path.abspath(folder)
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
+        # the pid tells a later run whether this one still lives (unlearn.clean_leftovers); os.mkdir, unlike
+        # tempfile.mkdtemp (mode 0700), gives the folder the umask's permissions
+        tmp = os.path.join(os.path.dirname(folder), f".saving-{os.getpid()}-{os.urandom(4).hex()}")
+        os.mkdir(tmp)
         try:
             save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             for file, content in (("config.json", hf), ("generation_config.json", self.hf_generation_config)):

@@ -1094,6 +1094,7 @@ def test_bad_input_checkpoints(tmp_path, capsys):
     __import__("json").dump(dict(cfg, model_type="bert"), open(bert / "config.json", "w"))
     err = fails_with(["--init_from", str(bert), "--out_dir", str(out), "--data_dir", str(tmp_path / "data")], capsys, "bert")
     assert "gpt2" in err and "llama" in err
+    assert not (tmp_path / "data").exists()  # refused before any data was prepared for it
     fails_with(["--init_from", "no-such-org/no-such-model-xyz", "--out_dir", str(out)], capsys, "local folder")
     fails_with(["--init_from", str(ckpt), "--oracle_from", "gpt2", "--out_dir", str(out)], capsys, "another tokenizer")
     short = tmp_path / "short"  # a context shorter than the records
@@ -1212,6 +1213,177 @@ def test_target_cache_keyed_by_checkpoint_content(tmp_path):
         {k: before[k] for k in ("data", "settings")}
     assert unlearn.checkpoint_key(folder, whole=0, slices=4, slice_size=64) != sliced
     assert unlearn.fingerprint(cfg, {}, [split]) == after  # the same files, the same key
+
+
+# ---- no silently wrong numbers, no lost output (issue 17) -------------------------------------------------
+def copy_out(tiny, tmp_path):
+    out = tmp_path / "out"
+    __import__("shutil").copytree(tiny["root"] / "out", out)
+    return out
+
+
+@pytest.mark.parametrize("patience", [0, 3])
+def test_bad_input_diverging_target(tiny, tmp_path, capsys, patience):
+    """--train_lr 1000: the target's loss becomes NaN; one line names the phase and step, nothing is cached
+    (with early stopping too, where the NaN holdout loss used to end in a TypeError)."""
+    out = tmp_path / "out"
+    err = fails_with(tiny["argv"] + ["--out_dir", str(out), "--train_lr", "1000", f"--patience={patience}",
+                                     "--train_epochs=3"], capsys, "target: the training loss became")
+    assert "step" in err and "nothing was cached" in err
+    assert files_under(out) == []
+
+
+def test_bad_input_nonfinite_fisher(tiny):
+    """A model with a NaN weight: FILA's Fisher stops with one line, its hooks removed and grads restored."""
+    model = __import__("copy").deepcopy(tiny["target"])
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    layers = model.lora_layers()
+    with pytest.raises(unlearn.UserError, match="fisher: the loss .* not finite at batch 1"):
+        unlearn.fisher(model, tiny["data"]["forget"], layers)
+    assert all(not m._forward_hooks for m in layers) and all(p.requires_grad for p in model.parameters())
+
+
+def test_diverged_unlearning_is_reported_collapsed(tiny, tmp_path):
+    """--lora_lr 10 destroys the model: no OverflowError from its perplexity (inf, null in JSON), and
+    results.json and the table say collapsed whatever stopped the run."""
+    out = copy_out(tiny, tmp_path)
+    unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "ih_lora", "--lora_lr", "10", "--epochs", "2"])
+    res = json.load(open(out / "ih_lora" / "results.json"))
+    assert res["collapsed"] is True
+    assert res["after"]["retain"]["ppl"] is None or res["after"]["retain"]["ppl"] > 10 * res["before"]["retain"]["ppl"]
+    assert metrics.exp(1e4) == float("inf")
+    run = lambda ppl: {"stopped_by": "threshold", "steps": 1, "time_s": 1.0, "after": {"retain": {"ppl": ppl}}}
+    assert not unlearn.collapsed(run(2.0)["after"] | {}, run(19.0)["after"])
+    assert unlearn.collapsed(run(2.0)["after"], run(21.0)["after"])
+    md = unlearn.comparison({"ga": [dict(run(21.0), collapsed=True)], "gd": [run(3.0)]}, {"retain": {"ppl": 2.0}})
+    assert "| ga | threshold (collapsed) |" in md and "| gd | threshold |" in md
+
+
+def test_bad_input_prepared_files(tiny, tmp_path, capsys):
+    """A truncated cached split and a deleted one: one line each, naming the file."""
+    shutil = __import__("shutil")
+    data = tmp_path / "data"
+    shutil.copytree(tiny["root"] / "data", data)
+    split = data / "people" / "gpt2" / "forget.npz"
+    split.write_bytes(split.read_bytes()[:100])
+    argv = tiny["argv"] + ["--data_dir", str(data), "--out_dir", str(tmp_path / "out")]
+    fails_with(argv, capsys, f"cannot read {split}")
+    split.unlink()
+    fails_with(argv, capsys, f"cannot read {split}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_options_issue17(tiny, tmp_path, capsys):
+    """--el_n beyond the records; --forget_set for a dataset without forget sets (unlearn.py's line, not
+    prepare.py's usage); booleans other than true/false/1/0/yes/no."""
+    fails_with(tiny["argv"] + ["--el_n", "500"], capsys, "--el_n 500 is not shorter than the forget records")
+    err = fails_with(tiny["argv"] + ["--forget_set", "X"], capsys, "dataset 'people' has no forget sets")
+    assert "usage" not in err
+    for value in ("on", "y", "maybe"):
+        err = fails_with(tiny["argv"] + ["--oracle", value], capsys, "expected true, false, 1, 0, yes or no", code=2)
+        assert len(err.strip().splitlines()) == 1
+    assert unlearn.parse_args(["--oracle", "yes"]).oracle and not unlearn.parse_args(["--oracle=0"]).oracle
+
+
+def test_bad_input_tokenizer_larger_than_vocabulary(tmp_path, capsys):
+    """A checkpoint whose tokenizer (400 tokens) outgrows its model's vocabulary (100): one line, not an
+    index error deep in the embedding."""
+    transformers = pytest.importorskip("transformers")
+    ckpt = tmp_path / "ckpt"
+    save_bpe_tokenizer(ckpt, 400)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=16, n_layer=1, n_head=2,
+                                                         vocab_size=100, bos_token_id=0, eos_token_id=0)).save_pretrained(ckpt)
+    tok = unlearn.common.load(str(ckpt))
+    unlearn.people.main(["--tokenizer", str(ckpt), "--n_forget", "2", "--n_retain", "20", "--n_holdout", "2",
+                         "--out_dir", str(tmp_path / "data" / "people" / tok.tag)])
+    fails_with(["--init_from", str(ckpt), "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
+                "--train_epochs=1"], capsys, "beyond the 100 of")
+
+
+def test_tokenizer_hub_id_fails_without_retries(monkeypatch):
+    """A hub id goes through huggingface_hub's snapshot (one fast failure offline), never straight to
+    AutoTokenizer.from_pretrained(id), whose per-file retries took ~50 s."""
+    transformers = pytest.importorskip("transformers")
+    asked = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: asked.append(name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="cannot load the tokenizer of 'no-such-org/no-such-model-xyz'"):
+        unlearn.common.load("no-such-org/no-such-model-xyz")
+    assert "no-such-org/no-such-model-xyz" not in asked
+
+
+def test_leftovers_of_killed_runs(tmp_path, monkeypatch, capsys):
+    """Temporary names carry the pid, so two runs into one out dir never share one; at start, what a dead run
+    left is removed (one line each) and a live run's is kept."""
+    common = unlearn.common
+    mine = common.tmp_name(str(tmp_path / "results.json"))
+    monkeypatch.setattr(os, "getpid", lambda: 4194304 + 7)  # above Linux's pid_max: no such process
+    dead = common.tmp_name(str(tmp_path / "results.json"))
+    monkeypatch.undo()
+    assert mine != dead
+    (tmp_path / "ga").mkdir()
+    leftovers = [dead, str(tmp_path / ".ga.4194311.tmp"), str(tmp_path / "ga" / ".saving-4194311-ab12cd34"),
+                 str(tmp_path / "target.pt.4194311.tmp"), str(tmp_path / "ga" / ".saving-old1x2y")]
+    for path in leftovers:
+        os.mkdir(path) if "saving" in path or path.endswith(".ga.4194311.tmp") else open(path, "w").close()
+    open(mine, "w").close()
+    unlearn.clean_leftovers(str(tmp_path))
+    err = capsys.readouterr().err
+    assert all(not os.path.exists(p) and f"removed {p}" in err for p in leftovers)
+    assert os.path.exists(mine)  # a live run's (this one)
+
+
+def local_gpt2(folder):
+    """A random tiny GPT-2 with GPT-2's vocabulary, saved as a folder named gpt2: what --init_from gpt2 reads
+    offline from the current directory."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=16, n_layer=1, n_head=2))
+    hf.save_pretrained(folder)
+
+
+def test_init_from_local_gpt2_exports_a_tokenizer_atomically(tmp_path, monkeypatch):
+    """--init_from gpt2 with a local folder named gpt2 (tiktoken tokenizer): the run ends with results.json and
+    model/ with a transformers GPT-2 tokenizer that encodes as tiktoken does, folder permissions from the
+    umask, generation_config.json also when the target is cached. A kill inside the next export (raised in
+    the tokenizer's save) leaves the previous results.json and model/ as they were, and no temporary files."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    local_gpt2(tmp_path / "gpt2")
+    unlearn.people.main(["--n_forget", "4", "--n_retain", "100", "--n_holdout", "4", "--out_dir",
+                         str(tmp_path / "data" / "people" / "gpt2")])
+    argv = ["--init_from", "gpt2", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
+            "--method", "ga_lora", "--train_epochs=1", "--train_lr=1e-3", "--epochs=1", "--eval_n=2", "--rank=2",
+            "--device=cpu"]
+    umask = os.umask(0o027)
+    try:
+        unlearn.main(argv)
+    finally:
+        os.umask(umask)
+    # a cached target keeps the checkpoint's generation config for later exports
+    assert json.loads(torch.load(tmp_path / "out" / "target.pt", weights_only=True)["hf_generation_config"])
+    model_dir = tmp_path / "out" / "ga_lora" / "model"
+    res = json.load(open(tmp_path / "out" / "ga_lora" / "results.json"))
+    assert res["model_dir"] == str(model_dir)
+    assert oct(os.stat(model_dir).st_mode & 0o777) == oct(0o750)
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(model_dir))
+    text = "Ada Berg was born on 1987-04-12 in Porto. Email: kq7w.zr@fastmail.net"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert hf_tok.encode(text) == unlearn.common.load("gpt2").encode(text) and hf_tok.eos_token_id == 50256
+    assert transformers.AutoModelForCausalLM.from_pretrained(model_dir) is not None
+    before = {f: open(os.path.join(d, f), "rb").read() for d in (tmp_path / "out" / "ga_lora", model_dir)
+              for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+
+    def killed(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(unlearn.common, "save_tokenizer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn.main(argv)  # its export is killed
+    after = {f: open(os.path.join(d, f), "rb").read() for d in (tmp_path / "out" / "ga_lora", model_dir)
+             for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+    assert after == before
+    assert sorted(os.listdir(tmp_path / "out")) == ["ga_lora", "target.pt"]
 
 
 # ---- the other seeds' pieces, on cases with known answers -------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import dataclasses
@@ -99,8 +100,7 @@ def parse_args(argv=None):
     p.error = lambda msg: (print(f"error: {msg} (python unlearn.py -h lists the options)", file=sys.stderr), sys.exit(2))
     for f in fields(Config):
         if f.type is bool:  # "--oracle" alone means true
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
-                           const=True, default=f.default, help=helps.get(f.name))
+            p.add_argument(f"--{f.name}", type=boolean, nargs="?", const=True, default=f.default, help=helps.get(f.name))
         elif f.name == "method":
             p.add_argument("--method", default=f.default, choices=METHODS + ("all",),
                            metavar="METHOD", help=f"one of: {', '.join(METHODS + ('all',))} (default: {f.default})")
@@ -116,6 +116,13 @@ def parse_args(argv=None):
     name = os.path.basename(os.path.abspath(cfg.dataset))  # a folder of your own records: out/<its name>
     cfg.out_dir = cfg.out_dir or os.path.join("out", name + tag)
     return cfg
+
+
+def boolean(text):
+    """true/false, 1/0, yes/no; anything else ("on", "y", "maybe") is refused, not read as false."""
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true, false, 1, 0, yes or no, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 class UserError(Exception):
@@ -143,6 +150,7 @@ def load_data(cfg, tok):
         folder, meta, arrays = common.prepared(cfg.data_dir, cfg.dataset, tok, cfg.forget_set)
     except ValueError as e:
         raise UserError(str(e))
+    meta["max_id"] = max(int(a["ids"].max()) for a in arrays.values() if a["ids"].size)
     if cfg.init_from == "scratch":  # a dense vocabulary: a tiny model needs no embedding for unused tokens
         meta["vocab"] = np.unique(np.concatenate([a["ids"].ravel() for a in arrays.values()])).tolist()
         dense = np.zeros(max(meta["vocab"]) + 1, dtype=np.int64)
@@ -159,6 +167,10 @@ def load_data(cfg, tok):
     meta["lengths"] = {name: split.lengths.tolist() for name, split in splits.items()}  # bos, record, eot
     if len(splits["forget"]) == 0:
         raise UserError(f"the forget set of {folder} is empty: there is nothing to unlearn")
+    longest = int(splits["forget"].lengths.max()) - 1  # tokens after bos
+    if cfg.el_n >= longest:
+        raise UserError(f"--el_n {cfg.el_n} is not shorter than the forget records (the longest has {longest} "
+                        f"tokens): there is no {cfg.el_n}-gram to extract")
     return meta, splits
 
 
@@ -210,7 +222,10 @@ def train(model, data, holdout, cfg, name, watch=None):
                 g["lr"] = cfg.train_lr * min(1.0, (step + 1) / 50)
             loss = nll(model, data.take(idx))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):  # stop here: nothing diverged is cached
+                raise UserError(f"{name}: the training loss became {loss.item()} (gradient norm {norm.item()}) at epoch "
+                                f"{epoch}, step {step + 1}; nothing was cached (try a lower --train_lr)")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -220,6 +235,9 @@ def train(model, data, holdout, cfg, name, watch=None):
         line = f"{name}: epoch {epoch} | train loss {loss.item():.3f}"
         if early:
             held = split_stats(model, holdout)["loss"]
+            if not math.isfinite(held):
+                raise UserError(f"{name}: the holdout loss became {held} after epoch {epoch}; nothing was cached "
+                                f"(try a lower --train_lr)")
             line += f" | holdout loss {held:.3f}"
             if held < best[0]:
                 best, since_best = (held, copy.deepcopy(model.state_dict()), epoch), 0
@@ -304,6 +322,15 @@ def mixed_precision(model):
     return params
 
 
+def check_checkpoint(name):
+    """A checkpoint's config.json read and checked (model_type, activation, rope...) without its weights."""
+    from model import config_from_hf, read_json, resolve
+    try:
+        config_from_hf(read_json(resolve(name), "config.json"))
+    except ValueError as e:
+        raise UserError(str(e))
+
+
 def pretrained(cfg, name, meta):
     """A transformers checkpoint (hub id or folder) as our GPT, in the run's dtype."""
     print(f"loading {name}")
@@ -311,6 +338,9 @@ def pretrained(cfg, name, meta):
         model = GPT.from_pretrained(name, dtype=model_dtype(cfg)).to(cfg.device)
     except ValueError as e:
         raise UserError(str(e))
+    if meta["max_id"] >= model.config.vocab_size:
+        raise UserError(f"the data holds token id {meta['max_id']}, beyond the {model.config.vocab_size} of {name}'s "
+                        f"vocabulary: its tokenizer ({meta['vocab_size']} tokens) is not this model's")
     check_context(meta, name, model.config.block_size)
     return model
 
@@ -457,23 +487,29 @@ def fisher(model, split, layers, batch_size=32, diag=True):
     model.requires_grad_(False)
     fish = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in layers} if diag else None
     sq_norms = torch.zeros(len(split), device=split.rows.device)
-    with torch.enable_grad():
-        for i in progress(range(0, len(split), batch_size), desc="Fisher" if diag else "gradient norms", unit="batch"):
-            b = split.take(range(i, min(i + batch_size, len(split))))
-            # Σ_n ℓ_n with per-token weights 1/#tokens(n), known now: the loss op forms its grads in the forward
-            scale = (1 / (b.y != -100).sum(1, keepdim=True)).expand_as(b.y)
-            linear_loss(model(b.x).flatten(0, 1), model.lm_head.weight, b.y.flatten(), scale=scale.flatten()).backward()
-            for m in layers:
-                if not diag:
-                    sq_norms[i:i + len(b)] += grad_norms(inputs[m], grads[m])
-                    continue
-                f, sq = grad_sq(inputs[m], grads[m])
-                fish[m] += f
-                sq_norms[i:i + len(b)] += sq
-    for h in handles:
-        h.remove()
-    for p, flag in zip(model.parameters(), flags):
-        p.requires_grad_(flag)
+    try:
+        with torch.enable_grad():
+            for i in progress(range(0, len(split), batch_size), desc="Fisher" if diag else "gradient norms", unit="batch"):
+                b = split.take(range(i, min(i + batch_size, len(split))))
+                # Σ_n ℓ_n with per-token weights 1/#tokens(n), known now: the loss op forms its grads in the forward
+                scale = (1 / (b.y != -100).sum(1, keepdim=True)).expand_as(b.y)
+                loss = linear_loss(model(b.x).flatten(0, 1), model.lm_head.weight, b.y.flatten(), scale=scale.flatten())
+                loss.backward()
+                for m in layers:
+                    if not diag:
+                        sq_norms[i:i + len(b)] += grad_norms(inputs[m], grads[m])
+                        continue
+                    f, sq = grad_sq(inputs[m], grads[m])
+                    fish[m] += f
+                    sq_norms[i:i + len(b)] += sq
+                if not (torch.isfinite(loss) and torch.isfinite(sq_norms[i:i + len(b)]).all()):
+                    raise UserError(f"fisher: the loss ({loss.item()}) or the squared gradients are not finite at batch "
+                                    f"{i // batch_size + 1} of {len(split)} samples: the model has diverged")
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
     return (None if fish is None else {m: f / len(split) for m, f in fish.items()}), sq_norms
 
 
@@ -1155,7 +1191,8 @@ def report(method, res, before, oracle, thresholds, el_n=10):
         if not all(math.isnan(v) for v in values[:2]):
             rows.append((name, better, *map(cell, values)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [f"{method}: stopped by {res['stopped_by']} after {res['steps']} steps, {res['time_s']:.1f}s",
+    lines = [f"{method}: stopped by {res['stopped_by']} after {res['steps']} steps, {res['time_s']:.1f}s" +
+             (" | COLLAPSED: retain perplexity more than 10x the target's" if res.get("collapsed") else ""),
              f"stopping rule ({thresholds['source']}): forget MA < {thresholds['ma']:.4f} and EL{el_n} < "
              f"{thresholds['el10']:.4f}" if thresholds else "stopping rule: none, a fixed budget"]
     lines += ["  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].center(widths[i]) if i == 1 else r[i].rjust(widths[i])
@@ -1174,9 +1211,9 @@ def write_json(path, obj):
         return {k: strict(v) for k, v in o.items()} if isinstance(o, dict) else \
             [strict(v) for v in o] if isinstance(o, (list, tuple)) else o
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with open(common.tmp_name(path), "w") as f:
         json.dump(strict(obj), f, indent=1, allow_nan=False)
-    os.replace(path + ".tmp", path)
+    os.replace(common.tmp_name(path), path)
 
 
 # the columns of `--method all`'s table: (name, keys into a result's "after" or the result itself, format)
@@ -1200,7 +1237,7 @@ def comparison(summary, oracle):
         for _, keys, f in cols:
             v = np.array([get(r, *keys) for r in runs], float)
             cells.append(format(v.mean(), f) + (f" ± {format(v.std(ddof=1), f)}" if len(v) > 1 else ""))
-        stopped = "/".join(sorted({r["stopped_by"] for r in runs}))
+        stopped = "/".join(sorted({r["stopped_by"] for r in runs})) + (" (collapsed)" if any(r.get("collapsed") for r in runs) else "")
         lines.append(f"| {m} | {stopped} | " + " | ".join(cells) + " |")
     o = {"after": oracle}
     lines.append("| oracle | - | " + " | ".join(format(get(o, *k), f) if k[0] == "after" else "-" for _, k, f in cols) + " |")
@@ -1262,15 +1299,70 @@ def thresholds_for(meta, before, cfg):
 
 
 def export(model, tok, folder):
-    """The unlearned model and its tokenizer as a transformers folder (lm-evaluation-harness, vLLM, ...)."""
+    """The unlearned model and its tokenizer as a transformers folder (lm-evaluation-harness, vLLM, ...);
+    tiktoken's GPT-2 BPE is written as transformers' GPT-2 tokenizer (common.save_tokenizer)."""
     try:
         model.save_pretrained(folder)
     except ValueError as e:  # EUL's unlearning layers have no place in the checkpoint's architecture
         print(f"not exported: {e}")
-        return None
-    tok.hf.save_pretrained(folder)
-    print(f"wrote {folder}")
-    return folder
+        return False
+    common.save_tokenizer(tok, folder)
+    return True
+
+
+def publish(out_dir, method, res, model=None, tok=None):
+    """<out_dir>/<method>/: results.json and, from a checkpoint, model/ (the unlearned model and its tokenizer),
+    landing together or not at all: both are written into one temporary folder that then takes the method
+    folder's place (the previous one is moved aside first and deleted after). What a killed run leaves
+    (names with its pid) is removed by the next run (clean_leftovers)."""
+    final = os.path.join(out_dir, method)
+    tmp, old = common.tmp_name(os.path.join(out_dir, f".{method}")), common.tmp_name(os.path.join(out_dir, f".{method}.old"))
+    os.mkdir(tmp)  # the umask's permissions
+    try:
+        if model is not None:
+            res["model_dir"] = os.path.join(final, "model") if export(model, tok, os.path.join(tmp, "model")) else None
+        write_json(os.path.join(tmp, "results.json"), res)
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        if os.path.exists(old) and not os.path.exists(final):
+            os.rename(old, final)  # the previous run's folder, as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {final}/results.json" + (" and model/" if res.get("model_dir") else ""))
+
+
+def clean_leftovers(out_dir):
+    """Temporary files and folders of runs into out_dir that were killed (the pid in their name is gone; GPT.
+    save_pretrained's .saving-<pid>-*): removed, one line each. A live run's are left alone."""
+    for folder in [out_dir] + [e.path for e in os.scandir(out_dir) if e.is_dir() and not e.name.startswith(".")]:
+        for name in os.listdir(folder):
+            m = re.fullmatch(r".*\.(\d+)\.tmp(\.npz)?|\.saving-((\d+)-)?.*", name)
+            if m is None or pid_alive(int(m[1] or m[4] or 0)):
+                continue
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+
+
+def pid_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def collapsed(before, after, factor=10):
+    """A model whose retain perplexity rose more than `factor` times over the target's has lost what it should
+    keep, whatever stopped its run (a threshold met by a destroyed model, or a budget)."""
+    return bool(get(after, "retain", "ppl") > factor * get(before, "retain", "ppl"))
 
 
 def plan(cfg, meta, data):
@@ -1315,6 +1407,9 @@ def run(cfg):
     if cfg.oracle_from and load_tokenizer(cfg.oracle_from).encode(TOKENIZER_PROBE) != tok.encode(TOKENIZER_PROBE):
         raise UserError(f"--oracle_from {cfg.oracle_from} has another tokenizer than --init_from {cfg.init_from}: "
                         f"an oracle must speak the target's token ids")
+    for name in (cfg.init_from, cfg.oracle_from):  # refused now, before any data is prepared for it
+        if name and name != "scratch":
+            check_checkpoint(name)
     meta, data = load_data(cfg, tok)
     sizes = ", ".join(f"{k} {len(data[k])}" for k in ("forget", "retain", "holdout") if k in data)
     print(f"data: {meta['dataset']} ({sizes}), {meta['source']}")
@@ -1372,6 +1467,8 @@ def run(cfg):
                 exported = model
         if not runs:
             continue
+        for r in runs:
+            r["collapsed"] = collapsed(before, r["after"])
         res = dict(runs[0], dataset=cfg.dataset, thresholds=thresholds, before=before, config=asdict(cfg),
                    dtype=str(model_dtype(cfg)).removeprefix("torch."))  # what ran, also where --dtype was left empty
         if cfg.seeds > 1:
@@ -1385,9 +1482,8 @@ def run(cfg):
             for name, q in res["rum"]["quality"].items():
                 print(f"| {name} | {q['spearman']:.3f} | {q['cost_s']:.2f} |")
         if cfg.init_from != "scratch":  # seed cfg.seed's model (its numbers are `after`), for the rest of the ecosystem
-            res["model_dir"] = export(exported, tok, os.path.join(cfg.out_dir, method, "model"))
             res["model_seed"] = cfg.seed
-        write_json(os.path.join(cfg.out_dir, method, "results.json"), res)
+        publish(cfg.out_dir, method, res, *((exported, tok) if cfg.init_from != "scratch" else ()))  # with its results.json
         summary[method] = runs
         print(report(method, res, before, columns.get("oracle"), thresholds, cfg.el_n))
         secrets = res["after"]["forget"].get("secrets", [])
@@ -1396,12 +1492,12 @@ def run(cfg):
         if secrets:  # results.json lists every secret, before and after
             print(f"secrets of forget that greedy decoding still reproduces: {len(still)} of {len(secrets)}"
                   + (": " + ", ".join(still[:5]) + (", ..." if len(still) > 5 else "") if still else ""))
-        print(f"wrote {os.path.join(cfg.out_dir, method, 'results.json')}")
         if cfg.method == "all":  # rewritten after every method: a long run's table so far is never lost
             md = comparison(summary, columns["oracle"])
-            with open(os.path.join(cfg.out_dir, "comparison.md.tmp"), "w") as f:
+            tmp = common.tmp_name(os.path.join(cfg.out_dir, "comparison.md"))
+            with open(tmp, "w") as f:
                 f.write(md + "\n")
-            os.replace(os.path.join(cfg.out_dir, "comparison.md.tmp"), os.path.join(cfg.out_dir, "comparison.md"))
+            os.replace(tmp, os.path.join(cfg.out_dir, "comparison.md"))
     if cfg.method == "all" and summary:
         print(md)
     if failed:
@@ -1420,6 +1516,7 @@ def main(argv=None):
     except OSError as e:
         print(f"error: cannot write to --out_dir {cfg.out_dir}: {e.strerror}", file=sys.stderr)
         sys.exit(1)
+    clean_leftovers(cfg.out_dir)
     try:
         validate(cfg)  # before autocast() reads --device and --dtype
         with autocast(cfg):  # the compute dtype of the whole run (mixed_precision: what trains stays fp32)
