@@ -361,7 +361,10 @@ def read_meta(path):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path} ({type(e).__name__}); delete it to prepare the data again") from None
 
+# ----------------------------------------------------------------------------------------------------
+# your own records: a folder of .jsonl files (the format is in this file's docstring)
 
+RECORD_KEYS = ("text", "question", "answer", "secrets")
 
 
 def content_key(tok, files):
