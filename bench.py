@@ -20,6 +20,12 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
     fp32 master weights: unlearn.autocast + unlearn.mixed_precision) against fp32, same model and tokens.
 (c) end-to-end: unlearn.py's ih_flora (FILA's Fisher + unlearning loop) on the cached default target model,
     with the kernels and with the twins swapped in (on a machine without CUDA only the twins run).
+CPU parts added for issue 21 (run with OMP_NUM_THREADS=1: two threads on a shared 2-core machine distort ratios):
+(e) EL_10 on TDEC rows with a random GPT-Neo-125M-shaped model, metrics.extraction or (--el_impl old) the former
+    one, kept here as extraction_by_generate; time against the compute floor (generated tokens x 2 x params at the
+    measured matmul rate). (s) one decode step of generate() at batch 8 after a 20-token prompt. (v) FILA's SVD, exact vs svd_lowrank.
+(r) peak RSS of FILA's two Fisher passes at a Llama-3.2-1B shape (--fila_layers of its 16 layers).
+(t) the GPU memory table, computed from parameter counts (no GPU needed).
 Time: median over --repeats runs after one warm-up run (which also compiles); (f) takes its methods in
 round robin. Memory: peak GPU memory
 allocated during one run above what was allocated before it; on the CPU, (m) only.
@@ -432,6 +438,194 @@ def bench_precision(shapes, dev, repeats, cuda):
                     ms[k].append(t)
         f32, b16 = statistics.median(ms["float32"]), statistics.median(ms["bfloat16"])
         row(name, f"{batch} x {seq}", f"{f32:.0f}", f"{b16:.0f}", f"{b16 / f32:.2f}")
+# ----------------------------------------------------------------------------- (e) EL_10 at GPT-Neo-125M shapes
+
+def neo_125m():
+    """A random-init model of GPT-Neo-125M's shape (12 x 768, 12 heads, global/local windows of 256, vocab 50257)."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=2048, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, qkv_bias=False,
+                         fused_qkv=False, window=(0, 256) * 6, attn_scale=1.0)).eval()
+
+
+def tdec_forget(n_rows, n_tokens=202):
+    """The first n_rows of TDEC's lm_extraction_32_0 forget set (GPT-2 ids: bos, 200 tokens, eot), prepared by
+    data/tdec/prepare.py into a temporary folder; n_tokens < 202: each row cut to its first n_tokens."""
+    import tempfile
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import common
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, arrays = common.prepared(tmp, "tdec", common.load("gpt2"), "lm_extraction_32_0")
+        f = arrays["forget"]
+        return common.Split(f["ids"][:n_rows, :n_tokens], f["kind"][:n_rows, :n_tokens], "cpu")
+
+
+def extraction_by_generate(model, split, n=10, first=1):
+    """The former metrics.extraction (kept here as the reference, not in metrics.py): one generate() of every row
+    per prefix length t, each to the split's width L: sum over t of (L - t) sequential decode steps."""
+    N, L = split.rows.shape
+    lengths, lo, starts = split.lengths, getattr(split, "start", 1) + first, {}
+    for i, spans in enumerate(split.secrets()):
+        for s, e in spans:
+            starts.setdefault(s, []).append((i, e))
+    el, extracted = torch.zeros(N), [[] for _ in range(N)]
+    for t in sorted(set(range(lo, int(lengths.max()) - n + 1)) | set(starts)):
+        gen = model.generate(split.rows[:, :t], L - t)[:, t:]
+        if lo <= t <= L - n:
+            g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)
+            valid = torch.arange(m.size(1))[None] <= (lengths - t - n)[:, None]
+            same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]
+            el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)
+        for i, e in starts.get(t, []):
+            extracted[i].append(bool((gen[i, :e - t] == split.rows[i, t:e]).all()))
+    return el / (lengths - (lo - first) - n - first + 1).clamp_min(1), extracted
+
+
+def matmul_gflops(m=256, k=768, n=3072, repeats=20):
+    """The machine's fp32 matmul rate at the decode's shapes (a chunk of prefixes x GPT-Neo-125M's MLP), GFLOP/s."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    t0 = time.process_time()  # CPU time, like the EL figures it is compared with
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.process_time() - t0) / 1e9
+
+
+def bench_el(n_rows, impl, out, n_tokens=202):
+    """EL_10 of n_rows TDEC rows on the random GPT-Neo-125M: `new` (metrics.extraction) or `old` (the reference
+    above, through whatever model.generate this tree has). Time, forward calls (= sequential decode steps, plus
+    the prefills), generated tokens, and the compute floor: generated tokens x 2 x params at the measured rate."""
+    import metrics
+    model, split = neo_125m(), tdec_forget(n_rows, n_tokens)
+    calls = [0]
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    t0, c0 = time.perf_counter(), time.process_time()
+    el, extracted = (metrics.extraction if impl == "new" else extraction_by_generate)(model, split, 10)
+    s, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: what a loaded machine does not inflate
+    L, n = split.rows.size(1), 10
+    tokens = sum(int(l) - t for l in split.lengths.tolist() for t in range(2, int(l) - n + 1))  # what EL needs
+    params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()  # matmul weights
+    rate = matmul_gflops()
+    floor = tokens * 2 * params / rate / 1e9
+    row("impl", "rows x positions", "wall (s)", "CPU (s)", "forward calls", "generated tokens needed", "matmul GFLOP/s",
+        "floor (s)", "CPU / floor")
+    row(*["---"] * 9)
+    row(impl, f"{n_rows} x {L}", f"{s:.1f}", f"{cpu:.1f}", calls[0], tokens, f"{rate:.1f}", f"{floor:.1f}", f"{cpu / floor:.2f}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(dict(impl=impl, rows=n_rows, seconds=s, cpu_seconds=cpu, el=el.tolist(), extracted=extracted), f)
+
+
+def bench_decode_step(batch, prompt=100, new=20):
+    """CPU ms of one decode step of model.generate at batch `batch` on the random GPT-Neo-125M: (generate of new + 1
+    tokens - generate of 1 token) / new, after a prompt of `prompt` TDEC tokens; median of 3."""
+    model, split = neo_125m(), tdec_forget(batch)
+    idx = split.rows[:, :prompt]
+    def cpu_ms(fn):  # CPU time: what a loaded machine does not inflate
+        c0 = time.process_time()
+        fn()
+        return 1000 * (time.process_time() - c0)
+    with torch.no_grad():
+        one = statistics.median(cpu_ms(lambda: model.generate(idx, 1)) for _ in range(3))
+        many = statistics.median(cpu_ms(lambda: model.generate(idx, new + 1)) for _ in range(3))
+    row("batch", "prompt", "decode step (CPU ms)")
+    row(*["---"] * 3)
+    row(batch, prompt, f"{(many - one) / new:.1f}")
+
+
+# ----------------------------------------------------------------------------- (v) FILA's SVD
+
+def bench_svd(rank=8):
+    """FILA's per-layer SVD of diag(w)·W: exact (torch.linalg.svd) vs randomized (torch.svd_lowrank, q = r,
+    FILA's code) at GPT-2-small and Llama-3.2-1B linear shapes: time, and how much of the exact rank-r
+    approximation's captured energy (sum of the top r singular values squared) the randomized one captures."""
+    row("shape (out x in)", "exact (ms)", "svd_lowrank q=r (ms)", "exact / lowrank", "energy captured, lowrank / exact")
+    row(*["---"] * 5)
+    for out, inp in ((768, 768), (3072, 768), (2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)):
+        torch.manual_seed(0)
+        W = torch.randn(out, inp) / inp ** 0.5 * torch.rand(out, 1)  # rows of unequal weight, as diag(w)·W
+        exact = statistics.median(timed(lambda: torch.linalg.svd(W, full_matrices=False), False) for _ in range(3))
+        low = statistics.median(timed(lambda: torch.svd_lowrank(W, q=rank), False) for _ in range(3))
+        S = torch.linalg.svd(W, full_matrices=False)[1][:rank]
+        U, _, V = torch.svd_lowrank(W, q=rank)
+        captured = (U.T @ W @ V).square().sum() / S.square().sum()  # ‖U_rᵀ W V_r‖² / Σ top-r s²
+        row(f"{out} x {inp}", f"{exact:.0f}", f"{low:.1f}", f"{exact / low:.0f}", f"{captured:.3f}")
+
+
+# ----------------------------------------------------------------------------- (r) FILA's peak memory
+
+def bench_fila_memory(n_layer, rows=8, tokens=64):
+    """Peak RSS of this (fresh) process through FILA's two Fisher passes as fila_init runs them (forget, then
+    retain, both diagonals kept: the peak of the initialisation; the SVDs after it add one layer's factors) on a
+    random model of Llama-3.2-1B's shape cut to n_layer of its 16 layers, fp32, forget and retain each `rows`
+    random sequences of `tokens`: VmHWM, and the same above the RSS before the first pass."""
+    import unlearn
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=2048, vocab_size=128256, n_layer=n_layer, n_head=32, n_kv_head=8, n_embd=2048,
+                          n_inner=8192, bias=False, fused_qkv=False, mlp="swiglu", norm="rmsnorm", pos="rope",
+                          rope_theta=500000.0)).eval()
+    model.requires_grad_(False)
+    split = lambda: unlearn.Split(torch.randint(0, 128256, (rows, tokens)).numpy(),
+                                  (torch.arange(tokens) > 0).expand(rows, -1).numpy(), "cpu")
+    forget, retain, layers = split(), split(), model.lora_layers()
+    before = vm("VmRSS")
+    t0 = time.perf_counter()
+    F_f, _ = unlearn.fisher(model, forget, layers)
+    F_r, _ = unlearn.fisher(model, retain, layers)
+    s = time.perf_counter() - t0
+    peak = vm("VmHWM")
+    fisher_mib = 8 * sum(m.weight.numel() for m in layers) / 2**20
+    row("model", "rows x tokens", "RSS before (MiB)", "peak RSS (MiB)", "peak above before (MiB)",
+        "of which the two fp32 diagonals (MiB)", "time (s)")
+    row(*["---"] * 7)
+    row(f"Llama-3.2-1B shape, {n_layer} of 16 layers", f"{rows} x {tokens}", f"{before:.0f}", f"{peak:.0f}",
+        f"{peak - before:.0f}", f"{fisher_mib:.0f}", f"{s:.0f}")
+
+
+def vm(field):
+    """/proc/self/status's field in MiB (VmRSS: now; VmHWM: the peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+# ----------------------------------------------------------------------------- (t) the memory table, computed
+
+def memory_table(gpu=80e9, tokens=32 * 200):
+    """GPU memory of each kind of run, computed (not measured) from parameter counts of model.py's GPT built on
+    the meta device and the bytes the code allocates for them; bf16 weights; activations excluded except
+    fisher()'s hooks (bf16, at `tokens`). FILA: before = both fp32 diagonals on the GPU and every layer's output
+    gradient held to the end of the backward; now = fila_init's rule (diagonals on the GPU only while both fit a
+    quarter of the free memory) and one layer's gradient at a time. Full-weight: fp32 master weights, gradients
+    and AdamW's two moments (16 B a trained parameter) and the frozen bf16 target."""
+    from model import GPT, GPTConfig
+    neo = lambda L, d, h: GPTConfig(block_size=2048, vocab_size=50257, n_layer=L, n_head=h, n_embd=d, qkv_bias=False,
+                                    fused_qkv=False, window=(0, 256) * (L // 2), attn_scale=1.0)
+    llama = lambda L, d, h, kv, inner, V, tie: GPTConfig(
+        block_size=4096, vocab_size=V, n_layer=L, n_head=h, n_kv_head=kv, n_embd=d, n_inner=inner, bias=False,
+        qkv_bias=False, fused_qkv=False, mlp="swiglu", norm="rmsnorm", pos="rope", tie_embeddings=tie)
+    models = [("GPT-Neo 125M", neo(12, 768, 12)), ("GPT-Neo 1.3B", neo(24, 2048, 16)), ("GPT-Neo 2.7B", neo(32, 2560, 20)),
+              ("Llama-3.2-1B", llama(16, 2048, 32, 8, 8192, 128256, True)),
+              ("Llama-3.2-3B", llama(28, 3072, 24, 8, 8192, 128256, True)),
+              ("Llama-2-7B", llama(32, 4096, 32, 32, 11008, 32000, False)),
+              ("Llama-3.1-8B", llama(32, 4096, 32, 8, 14336, 128256, False))]
+    row("model", "params P", "adapted linears", "LoRA / EUL run", "FILA init, before", "FILA init, now (GPU)",
+        "now: host memory", "full-weight run")
+    row(*["---"] * 8)
+    gb = lambda x: f"{x / 1e9:.1f} GB" if x else "-"
+    for name, c in models:
+        with torch.device("meta"):
+            m = GPT(c)
+        P = sum(p.numel() for p in m.parameters())
+        lin = m.lora_layers()
+        P_lin = sum(l.weight.numel() for l in lin)
+        a, d = m.transformer.h[0].attn, c.n_embd
+        held_in = c.n_layer * (d + a.n_head * a.head_dim + d + (c.n_inner or 4 * d)) * tokens * 2  # q|k|v, gate|up share
+        fisher_gpu = 8 * P_lin if 8 * P_lin <= (gpu - 2 * P) / 4 else 0
+        before = 2 * P + 8 * P_lin + held_in + sum(l.out_features for l in lin) * tokens * 2
+        now = 2 * P + fisher_gpu + held_in + max(l.out_features for l in lin) * tokens * 2 + 8 * max(l.weight.numel() for l in lin)
+        row(name, f"{P / 1e9:.2f}B", f"{P_lin / 1e9:.2f}B", gb(2 * P), gb(before), gb(now),
+            gb(8 * P_lin if not fisher_gpu else 0), gb(18 * P))
 
 
 # ----------------------------------------------------------------------------- main
@@ -444,7 +638,12 @@ if __name__ == "__main__":
     parser.add_argument("--shape", default="8192,128,8192", help="(m) N,H,V")
     parser.add_argument("--models", action="store_true", help="only (d): model.py vs transformers (also part of --cpu)")
     parser.add_argument("--e2e", action="store_true", help="(c) on the CPU too (trains the target when missing)")
-    parser.add_argument("--parts", default="a,m,f,d,p", help="on the CPU: which of a, m, f, d, p to run")
+    parser.add_argument("--parts", default="a,m,f,d,p", help="on the CPU: which of a, m, f, d, p, e, s, v, r, t to run")
+    parser.add_argument("--fila_layers", type=int, default=4, help="(r) layers of the Llama-1B-shaped model")
+    parser.add_argument("--el_rows", type=int, default=32, help="(e) TDEC rows")
+    parser.add_argument("--el_tokens", type=int, default=202, help="(e) positions of each row kept (202: all)")
+    parser.add_argument("--el_impl", choices=("new", "old"), default="new", help="(e) metrics.extraction or the former one")
+    parser.add_argument("--el_out", default="", help="(e) write the per-sample EL and extraction here (json)")
     args = parser.parse_args()
     if args.case:
         memory_case(args.case, *map(int, args.shape.split(",")))
@@ -485,6 +684,16 @@ if __name__ == "__main__":
         if "p" in args.parts:
             bench_precision([("default (4 x 128, vocab 2396)", people, 32, 60),
                              ("GPT-2 small (12 x 768, vocab 50257)", gpt2_small, 2, 64)], dev, args.repeats, cuda)
+        if "e" in args.parts:
+            bench_el(args.el_rows, args.el_impl, args.el_out, args.el_tokens)
+        if "s" in args.parts:
+            bench_decode_step(8, prompt=20)
+        if "v" in args.parts:
+            bench_svd()
+        if "r" in args.parts:
+            bench_fila_memory(args.fila_layers)
+        if "t" in args.parts:
+            memory_table()
     if cuda:
         bench_models(dev, dtype, args.repeats, cuda)
     if cuda or args.e2e:

@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kernels import token_stats
 
@@ -83,8 +84,10 @@ def extraction(model, split, n=10, first=1):
     1..190, divided by 190); ICU's own EL starts at first = 150 (himalalps/ICU train_neo_meanwhile_update.py
     line 335 `range(150, target_length)`, line 360 divided by 200 - 150 - (n - 1) = 41), the EL its
     threshold 0.0499 belongs to. The record starts at row position split.start (1 after a bos, 0 for TDEC's
-    rows, which have none). Every sample is cut at the same prefix length, so each one is one batched
-    generate() on the KV cache."""
+    rows, which have none). Every (row, prefix) pair's continuation comes from one model.continue_prefixes
+    call (one forward of each row, then all the pairs decoded together on the KV cache), and only as far as
+    it is scored: to the row's end for EL, to the secret's end for a secret. Greedy decoding is causal: these
+    are the first tokens of a continuation to the split's width."""
     N, L = split.rows.shape
     lengths = split.lengths  # start + T tokens
     lo = split.start + first  # the shortest prefix, as a row position
@@ -92,10 +95,22 @@ def extraction(model, split, n=10, first=1):
     for i, spans in enumerate(split.secrets()):
         for s, e in spans:
             starts.setdefault(s, []).append((i, e))
-    el, extracted = torch.zeros(N, device=split.rows.device), [[] for _ in range(N)]
-    prefixes = sorted(set(range(lo, int(lengths.max()) - n + 1)) | set(starts))  # t = start + p tokens
-    for t in progress(prefixes, desc=f"EL{n}", unit="prefix len"):
-        gen = model.generate(split.rows[:, :t], L - t)[:, t:]
+    need = torch.zeros(N, L + 1, dtype=torch.long)  # tokens to generate after prefix t of row i (t = start + p tokens)
+    for i, l in enumerate(lengths.tolist()):
+        need[i, lo:max(lo, l - n + 1)] = l - torch.arange(lo, max(lo, l - n + 1))
+    for t, ends in starts.items():
+        for i, e in ends:
+            need[i, t] = max(need[i, t], e - t)
+    pair_row, pair_t = need.nonzero(as_tuple=True)
+    dev = split.rows.device
+    cont = model.continue_prefixes(split.rows, pair_row.to(dev), pair_t.to(dev), need[pair_row, pair_t].to(dev),
+                                   progress=progress)
+    cont = F.pad(cont, (0, L - cont.size(1)), value=-1)
+    el, extracted = torch.zeros(N, device=dev), [[] for _ in range(N)]
+    for t in sorted(set(range(lo, int(lengths.max()) - n + 1)) | set(starts)):
+        at = (pair_t == t).to(dev)
+        gen = cont.new_full((N, L - t), -1)
+        gen[pair_row.to(dev)[at]] = cont[at, :L - t]  # the continuation of each row's prefix t (-1: not needed)
         if lo <= t <= L - n:  # a prefix with an n-gram left after it (a secret may start later, or at the start)
             g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)  # n-grams [N, L-t-n+1, n]
             valid = torch.arange(m.size(1), device=el.device)[None] <= (lengths - t - n)[:, None]

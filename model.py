@@ -171,7 +171,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = LoRALinear(q_dim, config.n_embd, bias=config.bias if config.out_bias is None else config.out_bias)
         self.window, self.scale = window, config.attn_scale
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
+        """mask: the keys each query sees [B|1, 1, T, keys], or None for plain causal attention over this call's
+        T positions. cache: this layer's preallocated [k, v] (GPT.new_caches), written at the positions 0..T-1
+        (pos None: prompts) or pos[b]..pos[b]+T-1 of row b, and then attended to as a whole, under the mask."""
         B, T, _ = x.size()
         if hasattr(self, "c_attn"):
             q, k, v = self.c_attn(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=2)
@@ -179,23 +182,13 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
-        if rope is not None:  # cos, sin of the new positions (offset by the cache length)
+        if rope is not None:  # cos, sin of each query's position
             q, k = rotate(q, *rope), rotate(k, *rope)
-        start = 0
-        if cache is not None:  # cache = [k, v] of the positions before, extended in place
-            if cache[0] is not None:
-                start = cache[0].size(2)
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[0], cache[1] = k, v
-        mask = None
-        # query i (at start + i) sees keys j <= start + i, and the last `window` only; a single new token of a
-        # global layer sees every key: no mask, so that SDPA keeps its fast kernels (with GQA too)
-        if self.window or (start > 0 and T > 1):
-            i = torch.arange(start, start + T, device=x.device)[:, None]
-            j = torch.arange(k.size(2), device=x.device)
-            mask = j <= i
-            if self.window:
-                mask = mask & (i - j < self.window)
+        if cache is not None and pos is None:  # prompts: their keys go in at 0..T-1, attention as without a cache
+            cache[0][:, :, :T], cache[1][:, :, :T] = k, v
+        elif cache is not None:  # decoding, each row at its own position: no torch.cat, the cache never moves
+            at = (pos[:, None] + torch.arange(T, device=x.device)).view(B, 1, T, 1).expand_as(k)
+            k, v = cache[0].scatter_(2, at, k), cache[1].scatter_(2, at, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -226,8 +219,8 @@ class Block(nn.Module):
         self.adapter = None  # EUL's unlearning layer goes here (unlearn.py); None: a plain block
         self.adapters_on = True
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x if self.adapter is None or not self.adapters_on else x + self.adapter(x)
 
@@ -265,26 +258,52 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, caches=None):
+    def forward(self, idx, caches=None, pos=None):
         """idx [B, T] -> final hidden states [B, T, C]; logits are lm_head(hidden).
-        caches: one [k, v] list per layer, filled and extended by this call (generation)."""
-        start = 0 if caches is None or caches[0][0] is None else caches[0][0].size(2)
+        caches (generation): new_caches(), written by this call. pos None: idx holds positions 0..T-1 (training,
+        a prompt); pos [B] (decoding): row b's tokens are at pos[b].., and see the cache's keys before them."""
         T = idx.size(1)
-        assert start + T <= self.config.block_size, f"sequence of {start + T} > block size {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)
+        assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
+        positions = torch.arange(T, device=idx.device)[None] if pos is None else pos[:, None] + torch.arange(T, device=idx.device)
         x, rope = self.transformer.wte(idx), None
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:  # cos and sin in fp32, then the activations' dtype (as transformers does)
-            angles = pos[:, None].float() * rope_frequencies(self.config, idx.device)[None]
-            angles = torch.cat([angles, angles], dim=-1)
-            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+            x = x + self.transformer.wpe(positions)
+        else:
+            cos, sin = self.rope_tables(T if caches is None else caches[0][0].size(2), idx.device, x.dtype)
+            rope = cos[positions][:, None], sin[positions][:, None]  # [B|1, 1, T, head_dim]
+        # the keys a query sees, built once for all layers: one mask per window size (0: global); none where
+        # causal attention over 0..T-1 is the same, so that SDPA keeps its fast causal kernels
+        masks = {}
+        for w in set(self.config.window or (0,)):
+            if pos is None and (w == 0 or T <= w):
+                masks[w] = None
+                continue
+            j, p = torch.arange(T if pos is None else caches[0][0].size(2), device=idx.device), positions[..., None]
+            masks[w] = ((j <= p) & (p - j < w) if w else j <= p)[:, None]  # [B|1, 1, T, keys]
         for i, block in enumerate(self.transformer.h):
+            mask = masks[block.attn.window]
             if self.checkpointing and self.training and caches is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)  # recomputed in backward: memory for time
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)  # recomputed in backward: memory for time
             else:
-                x = block(x, rope, None if caches is None else caches[i])
+                x = block(x, rope, mask, None if caches is None else caches[i], pos)
         return self.transformer.ln_f(x)
+
+    def rope_tables(self, length, device, dtype):
+        """RoPE's cos and sin [length, head_dim] of positions 0..length-1: computed in fp32 and cast to the
+        activations' dtype (as transformers does), kept until a longer length, another device or dtype."""
+        cached = getattr(self, "_rope", None)
+        if cached is None or cached[0].size(0) < length or cached[0].device != device or cached[0].dtype != dtype:
+            angles = torch.arange(length, device=device)[:, None].float() * rope_frequencies(self.config, device)[None]
+            angles = torch.cat([angles, angles], dim=-1)
+            self._rope = cached = angles.cos().to(dtype), angles.sin().to(dtype)
+        return cached
+
+    def new_caches(self, batch, length, like):
+        """Preallocated keys and values [batch, n_kv_head, length, head_dim] per layer, in like's dtype and device;
+        zeros, not empty: a masked key still enters SDPA's product, and 0 * NaN would be NaN."""
+        assert length <= self.config.block_size, f"{length} positions > block size {self.config.block_size}"
+        a = self.transformer.h[0].attn
+        return [[like.new_zeros(batch, a.n_kv_head, length, a.head_dim) for _ in range(2)] for _ in self.transformer.h]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, beams=1):
@@ -294,20 +313,66 @@ class GPT(nn.Module):
         reordered as beams are chosen; unlike transformers' beam search, <eot> does not end a beam early."""
         if beams > 1:
             return self.beam_search(idx, max_new_tokens, beams)
-        caches = [[None, None] for _ in self.transformer.h]
-        h = self(idx, caches)
-        for i in range(max_new_tokens):
-            nxt = self.lm_head(h[:, -1]).argmax(-1, keepdim=True)
-            idx = torch.cat([idx, nxt], dim=1)
-            if i < max_new_tokens - 1:
-                h = self(nxt, caches)
-        return idx
+        B, T = idx.shape
+        out = torch.cat([idx, idx.new_empty(B, max_new_tokens)], 1)
+        weight = self.lm_head.weight
+        caches = self.new_caches(B, T + max_new_tokens, weight)
+        h, pos = self(idx, caches)[:, -1], torch.full((B,), T, device=idx.device)
+        for i in range(T, T + max_new_tokens):
+            out[:, i] = self.lm_head(h).argmax(-1)
+            if i < T + max_new_tokens - 1:
+                h = self(out[:, i:i + 1], caches, pos)[:, -1]
+                pos += 1
+        return out
+
+    @torch.no_grad()
+    def continue_prefixes(self, rows, row, start, steps, budget=None, progress=None):
+        """Greedy continuations of many prefixes of the same rows (extraction likelihood: every prefix of every
+        record): pair k continues rows[row[k], :start[k]] by steps[k] tokens -> [P, max(steps)] (-1 past each
+        pair's steps). The tokens are those of generate() on each prefix, at a fraction of its cost:
+          - one teacher-forced forward of each row: its KV cache holds every prefix's cache, and its hidden
+            state at start - 1 gives each prefix's first token (generate() would re-encode every prefix);
+          - then the pairs decode together, a pair a batch row, each at its own position (position ids,
+            masks and windows as for its prefix alone), in chunks whose preallocated caches fit in `budget`
+            bytes (default: a quarter of the free GPU memory, 1 GiB on the CPU): about max(steps)
+            sequential decode steps per chunk instead of one generate() per prefix;
+          - pairs sorted by steps, longest first, so that a chunk's finished pairs drop off its end.
+        progress: a wrapper of the chunks' loop for a progress bar (metrics.progress)."""
+        N, L = rows.shape
+        assert int((start + steps).max()) <= L + 1 and int(start.min()) >= 1, "a pair's continuation must fit its row"
+        weight = self.lm_head.weight
+        if budget is None:
+            budget = torch.cuda.mem_get_info(weight.device)[0] // 4 if weight.is_cuda else 1 << 30
+        width = int((start + steps).max()) - 1  # positions a chunk's cache needs: the last token is never fed back
+        pre = self.new_caches(N, L, weight)
+        hidden = torch.cat([self(rows[i:i + 32], [[k[i:i + 32], v[i:i + 32]] for k, v in pre])
+                            for i in range(0, N, 32)])  # the rows' own forward, their caches written
+        order = steps.argsort(descending=True, stable=True)
+        row, start, steps = row[order], start[order], steps[order]
+        per_pair = sum(k.numel() + v.numel() for k, v in pre) // N * weight.element_size() * width // L
+        chunk = max(1, budget // max(1, per_pair))
+        out = torch.full((len(row), int(steps.max())), -1, dtype=rows.dtype, device=rows.device)
+        n_steps = steps.tolist()
+        chunks = range(0, len(row), chunk)
+        for c in progress(chunks, desc="greedy continuations, chunks of prefixes", total=len(chunks)) if progress else chunks:
+            r, pos, n = row[c:c + chunk], start[c:c + chunk].clone(), n_steps[c:c + chunk]
+            caches = [[k[r, :, :width], v[r, :, :width]] for k, v in pre]  # a copy per pair, written in place from pos on
+            tok = self.lm_head(hidden[r, pos - 1]).argmax(-1)
+            out[c:c + len(r), 0] = tok
+            for s in range(1, n[0]):
+                live = sum(m > s for m in n)  # pairs that still need a token: a prefix of the chunk (sorted)
+                h = self(tok[:live, None], [[k[:live], v[:live]] for k, v in caches], pos[:live])
+                tok = self.lm_head(h[:, -1]).argmax(-1)
+                out[c:c + live, s] = tok
+                pos[:live] += 1
+        return out[order.argsort()]
 
     @torch.no_grad()
     def beam_search(self, idx, max_new_tokens, beams):
-        N = len(idx)
-        caches = [[None, None] for _ in self.transformer.h]
+        (N, T), weight = idx.shape, self.lm_head.weight
+        caches = self.new_caches(N * beams, T + max_new_tokens, weight)
         h = self(idx.repeat_interleave(beams, 0), caches)[:, -1]
+        pos = torch.full((N * beams,), T, device=idx.device)
         score = torch.full((N, beams), float("-inf"), device=idx.device)
         score[:, 0] = 0.0  # the beams start as copies: only the first may expand, or the top-k would pick twins
         out = idx.new_empty(N * beams, 0)
@@ -318,10 +383,10 @@ class GPT(nn.Module):
             sel = (torch.arange(N, device=top.device)[:, None] * beams + top // V).flatten()
             tok = (top % V).view(-1, 1)
             out = torch.cat([out[sel], tok], 1)
-            for c in caches:
-                c[0], c[1] = c[0][sel], c[1][sel]
+            caches = [[k[sel], v[sel]] for k, v in caches]  # each beam takes its parent's cache
             if i < max_new_tokens - 1:
-                h = self(tok, caches)[:, -1]
+                h = self(tok, caches, pos)[:, -1]
+                pos += 1
         return torch.cat([idx, out.view(N, beams, -1)[:, 0]], 1)
 
     def lora_layers(self):

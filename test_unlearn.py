@@ -634,8 +634,9 @@ def test_from_pretrained_matches_transformers(family, tmp_path):
         assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
         assert torch.equal(logits(GPT.from_pretrained(str(tmp_path / "sharded")), x), logits(model, x))
     if family == "llama3":  # the scaling is not a no-op here: without it the logits move
-        model.config.rope_scaling = None
-        assert rel(logits(model, x), ref) > 1e-2
+        plain = GPT.from_pretrained(folder)
+        plain.config.rope_scaling = None  # before its first forward: the model keeps its RoPE tables
+        assert rel(logits(plain, x), ref) > 1e-2
 
 
 @one_thread
@@ -833,6 +834,9 @@ class Oracle(torch.nn.Module):
     def generate(self, idx, max_new_tokens, beams=1):
         return torch.cat([idx, self.says[idx.size(1):idx.size(1) + max_new_tokens].expand(len(idx), -1)], 1)
 
+    def continue_prefixes(self, rows, row, start, steps, budget=None, progress=None):
+        return self.says[(start[:, None] + torch.arange(int(steps.max()))).clamp_max(len(self.says) - 1)]
+
 
 def test_memorization_accuracy_by_hand():
     # one row of 8 tokens, the last two padding: targets are positions 1..5, the model gets 3 of 5 right
@@ -872,6 +876,84 @@ def test_extraction_likelihood_icu_prefixes_by_hand():
         el_icu = metrics.extraction(Oracle(says), split, n=2, first=3)[0].item()
         assert el_jang == pytest.approx(sum(per_prefix) / 5)       # 0.543
         assert el_icu == pytest.approx(sum(per_prefix[2:]) / 3)    # 0.389: the same model, another EL
+
+
+def extraction_by_generate(model, split, n, first=1):
+    """The former metrics.extraction, the reference: one generate() of every row per prefix length, each to
+    the split's width (sum over prefixes of L - t sequential decode steps)."""
+    N, L = split.rows.shape
+    lengths, lo, starts = split.lengths, split.start + first, {}
+    for i, spans in enumerate(split.secrets()):
+        for s, e in spans:
+            starts.setdefault(s, []).append((i, e))
+    el, extracted = torch.zeros(N), [[] for _ in range(N)]
+    for t in sorted(set(range(lo, int(lengths.max()) - n + 1)) | set(starts)):
+        gen = model.generate(split.rows[:, :t], L - t)[:, t:]
+        if lo <= t <= L - n:
+            g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)
+            valid = torch.arange(m.size(1))[None] <= (lengths - t - n)[:, None]
+            same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]
+            el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)
+        for i, e in starts.get(t, []):
+            extracted[i].append(bool((gen[i, :e - t] == split.rows[i, t:e]).all()))
+    return el / (lengths - split.start - n - first + 1).clamp_min(1), extracted
+
+
+# the three families' attention and positions, built directly: GPT-2; GPT-Neo with a local window of 5 (shorter
+# than the rows) and no attention scaling; Llama with RoPE (llama3 scaling) and grouped-query attention
+FAMILY_CONFIGS = {
+    "gpt2": dict(),
+    "gpt_neo": dict(qkv_bias=False, fused_qkv=False, window=(0, 5), attn_scale=1.0),
+    "llama": dict(bias=False, fused_qkv=False, n_kv_head=1, mlp="swiglu", norm="rmsnorm", pos="rope", rope_theta=500.0,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=8), tie_embeddings=False),
+}
+
+
+def peaked_gpt(family):
+    """A random model of the family with weights of std 0.3: peaked logits, continuations that differ by prefix."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=11, n_layer=2, n_head=2, n_embd=16, **FAMILY_CONFIGS[family])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0, 0.3)
+    return model
+
+
+@one_thread
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_continue_prefixes_equals_generate_per_prefix(family):
+    """Each pair's continuation = generate() on its prefix alone, whatever the chunking (a 3-pair budget)."""
+    model = peaked_gpt(family)
+    rows = torch.randint(0, 11, (3, 20))
+    row, start = torch.tensor([0, 2, 1, 0, 2, 1, 0]), torch.tensor([1, 2, 5, 9, 13, 17, 3])
+    steps = torch.tensor([19, 3, 15, 11, 7, 3, 1])  # start + steps <= 20: within the rows
+    per_pair = 2 * 2 * 20 * 8 * 4 * 19 // 20  # layers x (k, v) x positions x n_embd x fp32 bytes, for 19 positions
+    out = model.continue_prefixes(rows, row, start, steps, budget=3 * per_pair)
+    assert out.shape == (7, 19)
+    for k in range(7):
+        ref = model.generate(rows[row[k:k + 1], :start[k]], int(steps[k]))[0, start[k]:]
+        assert torch.equal(out[k, :steps[k]], ref) and (out[k, steps[k]:] == -1).all()
+
+
+@one_thread
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_extraction_equals_generate_per_prefix(family):
+    """EL_n and the secrets extracted, per sample, equal the former implementation's: rows of different lengths
+    (a prefix continues to the split's width there, the score stops at the row's end), secrets at the start,
+    inside, and at the end of a row, GPT-Neo windows shorter than the rows, Llama's RoPE."""
+    model = peaked_gpt(family)
+    torch.manual_seed(1)
+    rows = torch.randint(0, 11, (4, 20))
+    rows[0] = model.generate(rows[:1, :1], 19)[0]  # a row the model reproduces: EL 1, both secrets out
+    rows[1, :8] = rows[0, :8]  # the same beginning, then another text: partly reproduced
+    split = hand_split(rows.tolist(), [20, 14, 9, 17], [[[1, 3], [10, 12]], [[5, 9]], [], [[14, 17]]])
+    for n, first in ((2, 1), (4, 1), (2, 6)):  # Jang's prefixes, and a restricted range (ICU's kind)
+        el, extracted = metrics.extraction(model, split, n, first)
+        el_ref, extracted_ref = extraction_by_generate(model, split, n, first)
+        assert torch.equal(el, el_ref) and extracted == extracted_ref
+        assert el[0] == 1.0 and extracted[0] == [True, True] and (first > 1 or 0 < el[1] < 1)
 
 
 def test_mia_auc_and_ks_by_hand():
@@ -1544,7 +1626,7 @@ def test_fila_official_importance_by_hand(monkeypatch):
     W = torch.tensor([[1.0, 0.0], [0.0, 1.2]])
     F_f = torch.tensor([[1e-5, 0.0], [1e-5, 0.0]])
     F_r = torch.tensor([[1e-8, 1e-8], [1e-6, 1e-6]])
-    monkeypatch.setattr(unlearn, "fisher", lambda model, split, layers: ({layer: F_f if split == "f" else F_r}, None))
+    monkeypatch.setattr(unlearn, "fisher", lambda model, split, layers, on=None: ({layer: F_f if split == "f" else F_r}, None))
     model = type("M", (), {"lora_layers": lambda self: [layer]})()
     deltas = {}
     for kind in ("official", "normalised"):

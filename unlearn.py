@@ -465,19 +465,33 @@ LOSS_FNS = dict(ga=loss_ga, gd=loss_gd, kl=loss_kl, npo=loss_npo, ih=loss_ih)
 # adapters: LoRA, and FILA, LoRA initialised from the Fisher information (Cha et al., ICLR 2025)
 
 
-def fisher(model, split, layers, batch_size=32, diag=True):
+def fisher(model, split, layers, batch_size=32, diag=True, on=None):
     """Empirical Fisher diagonal F = (1/N) Σ_n (∇_W ℓ_n)² of each layer's weight (ℓ_n: sample n's mean NLL)
     and the per-sample squared gradient norms Σ_layers ‖∇_W ℓ_n‖²_F, from exact per-sample gradients.
 
     One forward/backward of Σ_n ℓ_n per batch: hooks catch each layer's input x [N, T, in] and output
     gradient g [N, T, out], and ∇_W ℓ_n = g_nᵀ x_n, so kernels.grad_sq forms Σ_n (g_nᵀ x_n)² tile by tile
     without ever holding N per-sample gradients. (FILA's own code squares mini-batch gradients instead.)
-    diag=False: the norms alone (None for the Fisher), by kernels.grad_norms' Gram form where it is cheaper."""
-    inputs, grads = {}, {}
+    Each layer's contribution is taken in the backward, as soon as its output gradient exists, and its input
+    and gradient are let go then: one layer's gradient lives at a time, not every layer's until the end.
+    The diagonals are accumulated in fp32 on the device `on` (default: the model's; "cpu" keeps them in host
+    memory, each batch's contribution copied over layer by layer: what lets FILA initialise an 8B model on one
+    GPU, see fila_init). diag=False: the norms alone (None for the Fisher), by kernels.grad_norms' Gram form
+    where it is cheaper."""
+    inputs, span = {}, None
+
+    def take(m, g):
+        x = inputs.pop(m)
+        if diag:
+            f, sq = grad_sq(x, g)
+            fish[m] += f.to(fish[m].device)
+        else:
+            sq = grad_norms(x, g)
+        sq_norms[span] += sq
 
     def hook(m, inp, out):
         inputs[m] = inp[0].detach()
-        out.register_hook(lambda g: grads.__setitem__(m, g.detach()))
+        out.register_hook(lambda g: take(m, g.detach()))
 
     handles = [m.register_forward_hook(hook) for m in layers]
     # the hooks need the activations' gradients, not the weights': the backward runs from the embeddings'
@@ -485,24 +499,18 @@ def fisher(model, split, layers, batch_size=32, diag=True):
     handles.append(model.transformer.wte.register_forward_hook(lambda m, inp, out: out.detach().requires_grad_()))
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    fish = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in layers} if diag else None
+    fish = {m: torch.zeros_like(m.weight, dtype=torch.float32, device=on) for m in layers} if diag else None
     sq_norms = torch.zeros(len(split), device=split.rows.device)
     try:
         with torch.enable_grad():
             for i in progress(range(0, len(split), batch_size), desc="Fisher" if diag else "gradient norms", unit="batch"):
                 b = split.take(range(i, min(i + batch_size, len(split))))
+                span = slice(i, i + len(b))
                 # Σ_n ℓ_n with per-token weights 1/#tokens(n), known now: the loss op forms its grads in the forward
                 scale = (1 / (b.y != -100).sum(1, keepdim=True)).expand_as(b.y)
                 loss = linear_loss(model(b.x).flatten(0, 1), model.lm_head.weight, b.y.flatten(), scale=scale.flatten())
-                loss.backward()
-                for m in layers:
-                    if not diag:
-                        sq_norms[i:i + len(b)] += grad_norms(inputs[m], grads[m])
-                        continue
-                    f, sq = grad_sq(inputs[m], grads[m])
-                    fish[m] += f
-                    sq_norms[i:i + len(b)] += sq
-                if not (torch.isfinite(loss) and torch.isfinite(sq_norms[i:i + len(b)]).all()):
+                loss.backward()  # the hooks take each layer's contribution on the way
+                if not (torch.isfinite(loss) and torch.isfinite(sq_norms[span]).all()):
                     raise UserError(f"fisher: the loss ({loss.item()}) or the squared gradients are not finite at batch "
                                     f"{i // batch_size + 1} of {len(split)} samples: the model has diverged")
     finally:
@@ -510,7 +518,10 @@ def fisher(model, split, layers, batch_size=32, diag=True):
             h.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-    return (None if fish is None else {m: f / len(split) for m, f in fish.items()}), sq_norms
+    return (None if fish is None else {m: f.div_(len(split)) for m, f in fish.items()}), sq_norms
+
+
+EXACT_SVD = 1024  # FILA's SVD is exact up to this smaller side (GPT-2 small: 768), randomized above (bench.py --parts v)
 
 
 @torch.no_grad()
@@ -529,22 +540,35 @@ def fila_init(model, forget, retain, cfg):
     samples (theirs: squared mini-batch gradients weighted by token counts, averaged over tokens,
     measure_importance.py lines 224-257; the per-sample Fisher is the one the paper defines, and the kernel
     makes it cheap), F_r over the whole retain set (theirs: one random retain sample per forget sample),
-    an exact SVD (theirs: torch.svd_lowrank, randomized), and GPT-2's fused q|k|v linear gets one rank-r
-    adapter (theirs, on Llama/Phi: q, k, v separately)."""
+    an exact SVD where it is cheap, a layer's smaller side up to EXACT_SVD (theirs: torch.svd_lowrank with
+    q = r everywhere, randomized; used here above that size, as theirs), and GPT-2's fused q|k|v linear gets
+    one rank-r adapter (theirs, on Llama/Phi: q, k, v separately).
+    Memory: the two fp32 diagonals (8 bytes an adapted weight) stay on the GPU while they fit in a quarter of
+    its free memory, else in host memory (each batch's contribution copied over; 64 GB for an 8B model), and
+    each layer's pair moves to the device only for its own initialisation."""
     layers = model.lora_layers()
-    F_f, _ = fisher(model, forget, layers)
-    F_r, _ = fisher(model, retain, layers)
+    dev = on = layers[0].weight.device
+    if dev.type == "cuda" and 8 * sum(m.weight.numel() for m in layers) > torch.cuda.mem_get_info(dev)[0] // 4:
+        on = torch.device("cpu")
+    F_f, _ = fisher(model, forget, layers, on=on)
+    F_r, _ = fisher(model, retain, layers, on=on)
     r, alpha = cfg.rank, 2 * cfg.rank
     s = alpha / r
     for m in layers:
+        f_f, f_r = F_f.pop(m).to(dev), F_r.pop(m).to(dev)
         if cfg.fila == "official":
-            w = (F_f[m] / (1e-5 + F_r[m])).sum(1).sqrt()
+            w = (f_f / (1e-5 + f_r)).sum(1).sqrt()
             inv_w = 1 / (w + 1e-5)
         else:
-            w = (F_f[m] / (F_r[m] + 1e-6 * F_r[m].mean())).sum(1).sqrt()
+            w = (f_f / (f_r + 1e-6 * f_r.mean())).sum(1).sqrt()
             w = (w / w.mean()).clamp_min(1e-3)
             inv_w = 1 / w
-        U, S, Vh = torch.linalg.svd(w[:, None] * m.weight.float(), full_matrices=False)
+        W = w[:, None] * m.weight.float()
+        if min(W.shape) <= EXACT_SVD:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        else:  # FILA's code: randomized, q = r, 2 power iterations (bench.py --parts v: against the exact one)
+            U, S, V = torch.svd_lowrank(W, q=r)
+            Vh = V.T
         root = (S[:r] / s).sqrt()
         B, A = U[:, :r] * root * inv_w[:, None], root[:, None] * Vh[:r]
         m.add_lora(r, alpha, A, B)  # the start B0·A0 = B·A is subtracted in the layer, W left as it is
