@@ -878,25 +878,7 @@ def test_extraction_likelihood_icu_prefixes_by_hand():
         assert el_icu == pytest.approx(sum(per_prefix[2:]) / 3)    # 0.389: the same model, another EL
 
 
-def extraction_by_generate(model, split, n, first=1):
-    """The former metrics.extraction, the reference: one generate() of every row per prefix length, each to
-    the split's width (sum over prefixes of L - t sequential decode steps)."""
-    N, L = split.rows.shape
-    lengths, lo, starts = split.lengths, split.start + first, {}
-    for i, spans in enumerate(split.secrets()):
-        for s, e in spans:
-            starts.setdefault(s, []).append((i, e))
-    el, extracted = torch.zeros(N), [[] for _ in range(N)]
-    for t in sorted(set(range(lo, int(lengths.max()) - n + 1)) | set(starts)):
-        gen = model.generate(split.rows[:, :t], L - t)[:, t:]
-        if lo <= t <= L - n:
-            g, m = gen.unfold(1, n, 1), split.rows[:, t:].unfold(1, n, 1)
-            valid = torch.arange(m.size(1))[None] <= (lengths - t - n)[:, None]
-            same = (g[:, :, None] == m[:, None]).all(-1) & valid[:, :, None] & valid[:, None]
-            el += same.any(2).sum(1) / valid.sum(1).clamp_min(1)
-        for i, e in starts.get(t, []):
-            extracted[i].append(bool((gen[i, :e - t] == split.rows[i, t:e]).all()))
-    return el / (lengths - split.start - n - first + 1).clamp_min(1), extracted
+from bench import extraction_by_generate  # noqa: E402  (the former metrics.extraction, kept in bench.py as the reference)
 
 
 # the three families' attention and positions, built directly: GPT-2; GPT-Neo with a local window of 5 (shorter
