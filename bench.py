@@ -18,6 +18,9 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
     (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
 (p) mixed precision: one full-weight step (forward, mean NLL, backward, AdamW) under --dtype bfloat16 (autocast,
     fp32 master weights: unlearn.autocast + unlearn.mixed_precision) against fp32, same model and tokens.
+(n) CPU: torchrun's data parallelism as unlearn.py runs it (FSDP2 over gloo for a full-weight step): time per
+    step of 2 processes against 1 at the same global batch, each process one thread (OMP_NUM_THREADS=1), on
+    the default target's shape and a GPT-2-small-shaped model (random weights and tokens). `--parts n`.
 (c) end-to-end: unlearn.py's ih_flora (FILA's Fisher + unlearning loop) on the cached default target model,
     with the kernels and with the twins swapped in (on a machine without CUDA only the twins run).
 CPU parts added for issue 21 (run with OMP_NUM_THREADS=1: two threads on a shared 2-core machine distort ratios):
@@ -355,6 +358,68 @@ def bench_end_to_end(cuda, repeats):
     for r in rows:
         row(*r)
 
+# ----------------------------------------------------------------------------- (n) torchrun, FSDP2
+
+DIST_SHAPES = {"default": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2396, block_size=70, seq=60),
+               "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, seq=64)}
+
+
+def dist_case(shape, batch, steps):
+    """One process of (n), alone or under torchrun: full-weight gradient-descent steps as unlearn.unlearn()
+    takes them (share of the batch, NLL, backward, gradients added up, clip, AdamW); rank 0 prints the median
+    ms per step as JSON."""
+    import unlearn
+    from common import Split
+    from model import GPT, GPTConfig
+    spec = dict(DIST_SHAPES[shape])
+    seq = spec.pop("seq")
+    cfg = unlearn.parse_args(["--device", "cpu", "--batch_size", str(batch), "--dtype", "float32"])
+    unlearn.dist_setup(cfg)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**spec))
+    if unlearn.world() > 1:
+        unlearn.shard(model, cfg)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rows = torch.randint(0, spec["vocab_size"], (batch, seq + 1))
+    split = Split(rows.numpy(), torch.ones_like(rows).numpy(), "cpu")
+
+    def step():
+        part = unlearn.share(split)
+        (unlearn.nll(model, part) * part.weight).backward()
+        unlearn.sync_grads(model, params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        if unlearn.world() > 1:
+            torch.distributed.barrier()
+        times.append(timed(step, False))
+    if unlearn.rank() == 0:
+        print(json.dumps({"ms": statistics.median(times)}))
+    if unlearn.world() > 1:
+        torch.distributed.destroy_process_group()
+
+
+def bench_torchrun(steps):
+    """(n): the same global batch on 1 process, then 2 under torchrun, each with one thread."""
+    print("\n### (n) torchrun: time per full-weight step, 2 processes (FSDP2, gloo) vs 1, same global batch, "
+          "1 thread each\n")
+    row("model", "global batch x tokens", "1 process (ms)", "2 processes (ms)", "ratio 2 / 1")
+    row(*["---"] * 5)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for shape, batch in (("default", 8), ("gpt2-small", 8)):
+        ms = []
+        for n in (1, 2):
+            case = ["bench.py", "--dist_case", shape, "--batch", str(batch), "--steps", str(steps)]
+            launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"] if n == 2 else []
+            out = subprocess.run([sys.executable, *launch, *case], env=env, capture_output=True, text=True, check=True)
+            ms.append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+        row(shape, f"{batch} x {DIST_SHAPES[shape]['seq']}", f"{ms[0]:.0f}", f"{ms[1]:.0f}", f"{ms[1] / ms[0]:.2f}")
+
+
 # ----------------------------------------------------------------------------- (d) model vs transformers
 
 def bench_models(dev, dtype, repeats, cuda, batch=4, seq=256):
@@ -638,13 +703,19 @@ if __name__ == "__main__":
     parser.add_argument("--shape", default="8192,128,8192", help="(m) N,H,V")
     parser.add_argument("--models", action="store_true", help="only (d): model.py vs transformers (also part of --cpu)")
     parser.add_argument("--e2e", action="store_true", help="(c) on the CPU too (trains the target when missing)")
-    parser.add_argument("--parts", default="a,m,f,d,p", help="on the CPU: which of a, m, f, d, p, e, s, v, r, t to run")
+    parser.add_argument("--parts", default="a,m,f,d,p", help="on the CPU: which of a, m, f, d, p, e, s, v, r, t, n to run")
     parser.add_argument("--fila_layers", type=int, default=4, help="(r) layers of the Llama-1B-shaped model")
     parser.add_argument("--el_rows", type=int, default=32, help="(e) TDEC rows")
     parser.add_argument("--el_tokens", type=int, default=202, help="(e) positions of each row kept (202: all)")
     parser.add_argument("--el_impl", choices=("new", "old"), default="new", help="(e) metrics.extraction or the former one")
     parser.add_argument("--el_out", default="", help="(e) write the per-sample EL and extraction here (json)")
+    parser.add_argument("--dist_case", choices=DIST_SHAPES, help="(n) internal: one process of a torchrun case")
+    parser.add_argument("--batch", type=int, default=8, help="(n) internal: the global batch")
+    parser.add_argument("--steps", type=int, default=10, help="(n) steps timed")
     args = parser.parse_args()
+    if args.dist_case:
+        dist_case(args.dist_case, args.batch, args.steps)
+        sys.exit()
     if args.case:
         memory_case(args.case, *map(int, args.shape.split(",")))
         sys.exit()
@@ -694,6 +765,8 @@ if __name__ == "__main__":
             bench_fila_memory(args.fila_layers)
         if "t" in args.parts:
             memory_table()
+        if "n" in args.parts:
+            bench_torchrun(args.steps)
     if cuda:
         bench_models(dev, dtype, args.repeats, cuda)
     if cuda or args.e2e:

@@ -1450,6 +1450,58 @@ def test_init_from_local_gpt2_exports_a_tokenizer_atomically(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path / "out")) == ["ga_lora", "target.pt"]
 
 
+def test_bad_input_torchrun(tiny, monkeypatch, capsys):
+    """Under torchrun: more processes than --batch_size (each needs a share of a step's batch); and anywhere,
+    --dtype bfloat16 on a GPU that does not compute in bf16 (both checked before anything runs)."""
+    monkeypatch.setattr(unlearn, "world", lambda: 4)
+    fails_with(tiny["argv"] + ["--batch_size", "2"], capsys, "torchrun runs 4 processes, more than --batch_size 2")
+    monkeypatch.setattr(unlearn, "world", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    fails_with(tiny["argv"] + ["--device", "cuda", "--dtype", "bfloat16"], capsys, "Tesla V100 does not compute in bf16")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method,batch", [("npo", "7"), ("ih_lora", "3")])
+def test_torchrun_two_processes_match_one(tiny, tmp_path, capsys, method, batch):
+    """`python -m torch.distributed.run --nproc_per_node 2 unlearn.py ...` (gloo on the CPU) is the same command
+    as one process: the same loss every epoch, the same metrics after, one results.json. npo: FSDP2 shards the
+    model, and --batch_size 7 of the 8 forget rows leaves a batch of one row, which the second rank computes with
+    weight 0; ih_lora: the model replicated, its adapter gradients all-reduced over uneven shares (2 and 1 rows)."""
+    import json
+    import shutil
+    argv = tiny["argv"] + ["--method", method, "--epochs", "3", "--batch_size", batch]
+    losses, results = {}, {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        shutil.copytree(tiny["root"] / "out", out)  # the cached target: both runs start from it
+        if n == 1:
+            unlearn.main(argv + ["--out_dir", str(out)])
+            text = capsys.readouterr().out
+        else:
+            p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                str(free_port()), os.path.join(unlearn.ROOT, "unlearn.py"), *argv, "--out_dir", str(out)],
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+            assert p.returncode == 0, p.stderr[-3000:]
+            text = p.stdout
+        losses[n] = [float(v) for v in re.findall(rf"^{method}: epoch \d+ \| loss (\S+)", text, re.M)]
+        results[n] = json.load(open(out / method / "results.json"))
+        assert text.count("wrote ") == 1 and not [f for f in files_under(out) if ".tmp" in f or ".probe" in f]
+    assert len(losses[1]) >= 2 and losses[2] == pytest.approx(losses[1], rel=1e-3, abs=1e-4)
+    assert results[2]["steps"] == results[1]["steps"] and results[2]["stopped_by"] == results[1]["stopped_by"]
+    for split in ("forget", "retain", "holdout"):
+        assert results[2]["after"][split]["ma"] == pytest.approx(results[1]["after"][split]["ma"], abs=1e-3)
+    assert results[2]["after"]["fluency"]["score"] == pytest.approx(results[1]["after"]["fluency"]["score"], abs=1e-2)
+    assert results[1]["after"]["forget"]["ma"] < results[1]["before"]["forget"]["ma"] - 0.02  # it did unlearn
+
+
 # ---- the other seeds' pieces, on cases with known answers -------------------------------------------------
 def test_icu_drops_refined_samples(tiny):
     """Before the first epoch and after each, the samples the check calls forgotten (with their analogues)

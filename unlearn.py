@@ -11,6 +11,7 @@ the methods of the other papers (ICU, EUL, RUM), the report and main(); the metr
 Each function names its paper and equation.
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -24,9 +25,11 @@ import sys
 import time
 import dataclasses
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels import grad_norms, grad_sq, linear_kl, linear_loss
@@ -130,6 +133,126 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
+# distribution: `torchrun --nproc_per_node N unlearn.py ...` is the same command on N processes (ranks).
+# On one process every helper here is a no-op. Every rank reads θ0 itself (the checkpoint, or the cached
+# target that rank 0 trains alone first: main_first) and runs the same evaluation, so each has every metric;
+# the trained model is sharded by FSDP2 (full-weight methods: shard) or replicated (adapters, EUL's layers:
+# their gradients added up by sync_grads); each step's batch is split across the ranks (share); rank 0
+# alone prints and writes files.
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def dist_setup(cfg):
+    """Under torchrun (WORLD_SIZE > 1): one GPU per rank (nccl), or gloo on the CPU; ranks > 0 print nothing."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n == 1:
+        return
+    if cfg.device.startswith("cuda"):
+        if n > torch.cuda.device_count():
+            raise UserError(f"torchrun started {n} processes, but there are {torch.cuda.device_count()} GPUs: "
+                            f"--nproc_per_node at most {torch.cuda.device_count()}")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # a long timeout: the other ranks wait at a barrier while rank 0 trains the target (main_first)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (preparing the data, training and caching the target and the oracle: one
+    process, the others wait), then the other ranks, which find its files and read them."""
+    if rank() > 0:
+        dist.barrier()
+    yield
+    if rank() == 0 and world() > 1:
+        dist.barrier()
+
+
+def agree(value):
+    """Rank 0's value on every rank: the stopping rule's decisions, computed alike on every rank, must agree."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def share(batch):
+    """This rank's rows of a step's batch (rows rank, rank + N, ...). The losses divide by the whole batch's
+    token and row counts (whole()), and the ranks' gradients are added up, so a step is one process's step.
+    A rank left without rows (a batch smaller than N) computes one row with weight 0: every rank must run
+    the forward and backward, whose collectives FSDP waits for."""
+    mine = list(range(rank(), len(batch), world()))
+    part = batch.take(mine or [0])
+    part.whole = (int((batch.y != -100).sum()), len(batch))
+    part.weight = 1.0 if mine else 0.0
+    return part
+
+
+def whole(batch):
+    """(scored tokens, rows) of the batch a token or row mean divides by: the whole step's batch under torchrun."""
+    return getattr(batch, "whole", None) or (int((batch.y != -100).sum()), len(batch))
+
+
+def world_sum(x):
+    """A tensor summed over the ranks (the step's loss, its tokens)."""
+    if world() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
+def shard(model, cfg):
+    """FSDP2 for a full-weight run: one fully_shard per block, then the root, so that each rank holds 1/N of
+    the weights, gradients and AdamW moments and gathers one block's weights at a time. The compute runs in
+    the run's dtype, gradients are reduced in fp32 and summed (each rank's loss is its share, share())."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # cast_forward_inputs off: a cast would copy the KV caches, lists that the blocks fill in place (generate)
+    policy = MixedPrecisionPolicy(param_dtype=model_dtype(cfg), reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for m in (*model.transformer.h, model):
+        fully_shard(m, mp_policy=policy)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a sum, then no division: gloo has no pre-scaled sum
+    return model
+
+
+def sync_grads(model, params):
+    """Replicated training (adapters): add up the ranks' gradients, one all-reduce. FSDP did it already."""
+    if world() == 1 or hasattr(model, "unshard"):  # an FSDP module has unshard()
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+def gathered(model):
+    """The whole model, for export: an FSDP model's full state dict gathered into a plain copy on rank 0's
+    CPU (a collective: every rank calls it; None on the others); a replicated model as it is."""
+    if not hasattr(model, "unshard"):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() > 0:
+        return None
+    with torch.device("meta"):
+        plain = GPT(model.config)
+    plain.load_state_dict(sd, assign=True)
+    plain.tie()
+    plain.hf_config, plain.hf_generation_config = model.hf_config, model.hf_generation_config
+    return plain
+
+
+
+# ----------------------------------------------------------------------------------------------------
 # data: the prepared splits, each a common.Split: token rows [n, seq_len] (bos, record, eot, padding) and
 # what each position holds (not scored, text, fact, secret)
 
@@ -193,9 +316,10 @@ def token_loss(model, x, y, kind="ce"):
 
 def mean_loss(model, batch, kind="ce"):
     """The mean per-token loss over a batch's scored tokens. The weights 1/#tokens are known in the forward,
-    so the kernel forms the gradients there (3 matmuls a chunk instead of 4, see kernels/loss.py)."""
+    so the kernel forms the gradients there (3 matmuls a chunk instead of 4, see kernels/loss.py).
+    #tokens: the whole step's batch's (whole(): under torchrun each rank holds a share of it)."""
     y = batch.y.flatten()
-    scale = torch.full(y.shape, 1.0 / (y != -100).sum().item(), device=y.device)
+    scale = torch.full(y.shape, 1.0 / whole(batch)[0], device=y.device)
     return linear_loss(model(batch.x).flatten(0, 1), model.lm_head.weight, y, kind, scale=scale)
 
 
@@ -427,8 +551,9 @@ def kl_to_ref(model, ref, batch):
     mask = batch.y != -100
     with torch.no_grad():
         ref_h = ref(batch.x)[mask]
+    h = model(batch.x)[mask]  # first: an FSDP model's lm_head weight is whole only after its forward
     W, ref_W = model.lm_head.weight, ref.lm_head.weight
-    return linear_kl(model(batch.x)[mask], W, ref_h, None if torch.equal(W, ref_W) else ref_W).mean()
+    return linear_kl(h, W, ref_h, None if torch.equal(W, ref_W) else ref_W).sum() / whole(batch)[0]
 
 
 def loss_kl(model, ref, f, r, cfg):
@@ -448,7 +573,7 @@ def loss_npo(model, ref, f, r, cfg):
     with torch.no_grad():
         ref_logp = seq_logprob(ref, f)
     beta = cfg.npo_beta
-    return 2 / beta * F.softplus(beta * (seq_logprob(model, f) - ref_logp)).mean() + nll(model, r)
+    return 2 / beta * F.softplus(beta * (seq_logprob(model, f) - ref_logp)).sum() / whole(f)[1] + nll(model, r)
 
 
 def loss_ih(model, ref, f, r, cfg):
@@ -606,7 +731,7 @@ def forget_check(model, forget, thresholds, cfg):
     # the EL its threshold belongs to: Jang's (prefixes from 1), or ICU's own on TDEC (from 150, el_first)
     el = extraction(model, forget, cfg.el_n, thresholds.get("el_first", 1))[0].mean().item() \
         if ma < thresholds["ma"] else float("nan")
-    return ma, el, ma < thresholds["ma"] and el < thresholds["el10"]
+    return ma, el, agree(ma < thresholds["ma"] and el < thresholds["el10"])
 
 
 def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=None,
@@ -640,7 +765,7 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
     keep, forgotten_at = torch.ones(len(forget), dtype=torch.bool), [None] * len(forget)
     t0 = time.time()
     if refine is not None:  # ICU's code checks every sample before the first epoch too (val(0, ...))
-        gone = refine(model).cpu()
+        gone = agree(refine(model).cpu())
         forgotten_at = [0 if g else None for g in gone.tolist()]
         keep = ~gone
         print(f"{name}: before unlearning | forgotten {int(gone.sum())} of {len(forget)}")
@@ -663,10 +788,13 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
                 continue
             if ri is None:
                 ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (len(fi),), generator=gen)
-            f = forget.take(fi) if "forget" in uses else None
-            r = retain.take(ri) if "retain" in uses else None
-            loss = loss_fn(model, ref, f, r, cfg)
+            # torchrun: this rank's rows of the batch (share)
+            f = share(forget.take(fi)) if "forget" in uses else None
+            r = share(retain.take(ri)) if "retain" in uses else None
+            loss = loss_fn(model, ref, f, r, cfg) * (f if f is not None else r).weight
             loss.backward()
+            sync_grads(model, params)
+            loss = world_sum(loss)  # the whole batch's loss
             norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))  # inf: the norm, nothing clipped
             if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 with torch.no_grad():
@@ -677,10 +805,10 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
             opt.step()
             opt.zero_grad(set_to_none=True)
             steps += 1
-            tokens += sum(int((b.y != -100).sum()) for b in (f, r) if b is not None)
+            tokens += sum(b.whole[0] for b in (f, r) if b is not None)
         model.eval()
         if refine is not None:
-            gone = refine(model).cpu()
+            gone = agree(refine(model).cpu())
             for i in gone.nonzero().flatten().tolist():
                 forgotten_at[i] = epoch if forgotten_at[i] is None else forgotten_at[i]
             keep = ~gone
@@ -1127,6 +1255,8 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
     in_place = method.endswith("lora") or method == "eul"
     model = target if in_place and cfg.method != "all" and cfg.seeds == 1 else copy.deepcopy(target)
     model.checkpointing = cfg.checkpointing and not in_place
+    if world() > 1 and not in_place:  # torchrun: the trained copy sharded (adapter runs replicate their model)
+        model = shard(model, cfg)
     forget, retain = data["forget"], data["retain"]
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -1299,6 +1429,13 @@ def validate(cfg):
     if cfg.dtype == "bfloat16" and cfg.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UserError(f"--dtype bfloat16, but this GPU ({torch.cuda.get_device_name()}) does not compute in bf16; "
                         f"use --dtype float32")
+    if world() > 1 and cfg.rum_plan == "neggrad+" and cfg.method in ("rum", "all"):
+        raise UserError("--rum_plan neggrad+ cannot run under torchrun: its epochs pass over retain with the forget "
+                        "batches cycled, two batches of different sizes that the ranks cannot share alike; "
+                        "run it on one process, or use --rum_plan mixed")
+    if world() > cfg.batch_size:
+        raise UserError(f"torchrun runs {world()} processes, more than --batch_size {cfg.batch_size}: each needs "
+                        f"a share of a step's batch; use --nproc_per_node at most {cfg.batch_size}")
 
 
 def thresholds_for(meta, before, cfg):
@@ -1434,7 +1571,8 @@ def run(cfg):
     for name in (cfg.init_from, cfg.oracle_from):  # refused now, before any data is prepared for it
         if name and name != "scratch":
             check_checkpoint(name)
-    meta, data = load_data(cfg, tok)
+    with main_first():  # torchrun: rank 0 prepares the data, the others read it
+        meta, data = load_data(cfg, tok)
     sizes = ", ".join(f"{k} {len(data[k])}" for k in ("forget", "retain", "holdout") if k in data)
     print(f"data: {meta['dataset']} ({sizes}), {meta['source']}")
     rule = meta.get("protocol", {})
@@ -1447,7 +1585,8 @@ def run(cfg):
     if cfg.requests > len(data["forget"]):
         raise UserError(f"--requests {cfg.requests} is more than the {len(data['forget'])} forget samples")
     plan(cfg, meta, data)
-    target, events = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
+    with main_first():  # torchrun: rank 0 trains (or finds) the target and caches it, the others read it
+        target, events = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
     data["forget"].events = events or None
     # the oracle: on request (or ready-made), and always for `all` (its last row) and `rum` (its proxies' reference)
     oracle = None
@@ -1457,7 +1596,8 @@ def run(cfg):
             raise UserError(f"--oracle_from {cfg.oracle_from} has a vocabulary of {oracle.config.vocab_size}, "
                             f"the target {target.config.vocab_size}")
     elif cfg.oracle or cfg.method in ("all", "rum") or meta["dataset"] == "tofu":
-        oracle, _ = load_or_train(cfg, meta, data, "oracle", ("retain",))
+        with main_first():
+            oracle, _ = load_or_train(cfg, meta, data, "oracle", ("retain",))
     columns = {}
     if oracle is not None:
         print("evaluating the oracle")
@@ -1507,8 +1647,11 @@ def run(cfg):
                 print(f"| {name} | {q['spearman']:.3f} | {q['cost_s']:.2f} |")
         if cfg.init_from != "scratch":  # seed cfg.seed's model (its numbers are `after`), for the rest of the ecosystem
             res["model_seed"] = cfg.seed
-        publish(cfg.out_dir, method, res, *((exported, tok) if cfg.init_from != "scratch" else ()))  # with its results.json
+            exported = gathered(exported)  # torchrun: the whole model, on rank 0 (a collective: every rank)
         summary[method] = runs
+        if rank() > 0:  # rank 0 alone writes
+            continue
+        publish(cfg.out_dir, method, res, *((exported, tok) if cfg.init_from != "scratch" else ()))  # with its results.json
         print(report(method, res, before, columns.get("oracle"), thresholds, cfg.el_n))
         secrets = res["after"]["forget"].get("secrets", [])
         still = [f"{x['secret'].strip()!r} ({'line ' + str(x['line']) if 'line' in x else 'row ' + str(x['row'])})"
@@ -1522,7 +1665,7 @@ def run(cfg):
             with open(tmp, "w") as f:
                 f.write(md + "\n")
             os.replace(tmp, os.path.join(cfg.out_dir, "comparison.md"))
-    if cfg.method == "all" and summary:
+    if cfg.method == "all" and summary and rank() == 0:
         print(md)
     if failed:
         raise UserError(f"{', '.join(failed)} stopped on a non-finite loss (see above); the others are reported")
@@ -1534,7 +1677,7 @@ def main(argv=None):
     existed = os.path.exists(cfg.out_dir)
     try:  # fail now, not after minutes of training, when the out dir cannot be written
         os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".probe")
+        probe = os.path.join(cfg.out_dir, f".probe{os.getpid()}")  # one per torchrun rank
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -1542,14 +1685,19 @@ def main(argv=None):
         sys.exit(1)
     clean_leftovers(cfg.out_dir)
     try:
+        dist_setup(cfg)
         validate(cfg)  # before autocast() reads --device and --dtype
         with autocast(cfg):  # the compute dtype of the whole run (mixed_precision: what trains stays fp32)
             return run(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if not existed and not os.listdir(cfg.out_dir):  # leave nothing behind for a run that never started
-            os.rmdir(cfg.out_dir)
+        if rank() == 0:  # torchrun: every rank meets the same mistake, one says it
+            print(f"error: {e}", file=sys.stderr)
+            if not existed and not os.listdir(cfg.out_dir):  # leave nothing behind for a run that never started
+                os.rmdir(cfg.out_dir)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
