@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from kernels import grad_norms, grad_sq, linear_kl, linear_loss
 from model import GPT, GPTConfig
@@ -214,7 +216,6 @@ def shard(model, cfg):
     """FSDP2 for a full-weight run: one fully_shard per block, then the root, so that each rank holds 1/N of
     the weights, gradients and AdamW moments and gathers one block's weights at a time. The compute runs in
     the run's dtype, gradients are reduced in fp32 and summed (each rank's loss is its share, share())."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # cast_forward_inputs off: a cast would copy the KV caches, lists that the blocks fill in place (generate)
     policy = MixedPrecisionPolicy(param_dtype=model_dtype(cfg), reduce_dtype=torch.float32, cast_forward_inputs=False)
     for m in (*model.transformer.h, model):
@@ -226,7 +227,7 @@ def shard(model, cfg):
 
 def sync_grads(model, params):
     """Replicated training (adapters): add up the ranks' gradients, one all-reduce. FSDP did it already."""
-    if world() == 1 or hasattr(model, "unshard"):  # an FSDP module has unshard()
+    if world() == 1 or isinstance(model, FSDPModule):
         return
     flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat)
@@ -237,9 +238,8 @@ def sync_grads(model, params):
 def gathered(model):
     """The whole model, for export: an FSDP model's full state dict gathered into a plain copy on rank 0's
     CPU (a collective: every rank calls it; None on the others); a replicated model as it is."""
-    if not hasattr(model, "unshard"):
+    if not isinstance(model, FSDPModule):
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() > 0:
         return None
