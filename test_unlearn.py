@@ -1469,15 +1469,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method,batch", [("npo", "7"), ("ih_lora", "3")])
-def test_torchrun_two_processes_match_one(tiny, tmp_path, capsys, method, batch):
+@pytest.mark.parametrize("method,extra", [("npo", ["--requests", "2"]), ("ih_lora", [])])
+def test_torchrun_two_processes_match_one(tiny, tmp_path, capsys, method, extra):
     """`python -m torch.distributed.run --nproc_per_node 2 unlearn.py ...` (gloo on the CPU) is the same command
-    as one process: the same loss every epoch, the same metrics after, one results.json. npo: FSDP2 shards the
-    model, and --batch_size 7 of the 8 forget rows leaves a batch of one row, which the second rank computes with
-    weight 0; ih_lora: the model replicated, its adapter gradients all-reduced over uneven shares (2 and 1 rows)."""
+    as one process: the same loss every epoch, the same metrics after, one results.json. --batch_size 3 splits
+    batches 2 + 1 rows. npo: FSDP2 shards the model; two requests of 4 rows are two unlearning loops on the
+    same sharded model, each epoch ending on a batch of one row, which the second rank computes with weight 0.
+    ih_lora: the model replicated, its adapter gradients all-reduced."""
     import json
     import shutil
-    argv = tiny["argv"] + ["--method", method, "--epochs", "3", "--batch_size", batch]
+    argv = tiny["argv"] + ["--method", method, "--epochs", "3", "--batch_size", "3", *extra]
     losses, results = {}, {}
     for n in (1, 2):
         out = tmp_path / f"out{n}"

@@ -218,6 +218,7 @@ def shard(model, cfg):
     the run's dtype, gradients are reduced in fp32 and summed (each rank's loss is its share, share())."""
     # cast_forward_inputs off: a cast would copy the KV caches, lists that the blocks fill in place (generate)
     policy = MixedPrecisionPolicy(param_dtype=model_dtype(cfg), reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mixed_precision(model)  # fp32 master weights, sharded: FSDP's form of what unlearn() does on one process
     for m in (*model.transformer.h, model):
         fully_shard(m, mp_policy=policy)
         m.set_gradient_divide_factor(1.0)
@@ -756,6 +757,8 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
     to unlearn), steps, tokens (of the rows the losses read), trainable_params, and forgotten_at (ICU: the
     first epoch each sample was forgotten, 0 = before any). A non-finite loss stops everything with the
     weights of the last epoch."""
+    if isinstance(model, FSDPModule):  # torchrun: an evaluation forward leaves the root's whole weights in place
+        model.reshard()                 # of its shards, and the optimizer must hold the shards
     params = mixed_precision(model)
     full_batch = cfg.batch_size >= len(forget)
     betas = betas or ((0.9, 0.98) if full_batch else (0.9, 0.999))
