@@ -1459,7 +1459,7 @@ def test_bad_input_torchrun(tiny, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
-    fails_with(tiny["argv"] + ["--device", "cuda", "--dtype", "bfloat16"], capsys, "Tesla V100 does not compute in bf16")
+    fails_with(tiny["argv"] + ["--device", "cuda", "--dtype", "bfloat16"], capsys, "(Tesla V100) does not compute in bf16")
 
 
 def free_port():
