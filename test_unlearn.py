@@ -1451,10 +1451,12 @@ def test_init_from_local_gpt2_exports_a_tokenizer_atomically(tmp_path, monkeypat
 
 
 def test_bad_input_torchrun(tiny, monkeypatch, capsys):
-    """Under torchrun: more processes than --batch_size (each needs a share of a step's batch); and anywhere,
+    """Under torchrun: more processes than --batch_size (each needs a share of a step's batch), RUM's neggrad+
+    plan (forget and retain batches of different sizes); and anywhere,
     --dtype bfloat16 on a GPU that does not compute in bf16 (both checked before anything runs)."""
     monkeypatch.setattr(unlearn, "world", lambda: 4)
     fails_with(tiny["argv"] + ["--batch_size", "2"], capsys, "torchrun runs 4 processes, more than --batch_size 2")
+    fails_with(tiny["argv"] + ["--method", "rum", "--rum_plan", "neggrad+"], capsys, "neggrad+ cannot run under torchrun")
     monkeypatch.setattr(unlearn, "world", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
