@@ -258,10 +258,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, caches=None, pos=None):
+    def forward(self, idx, caches=None, pos=None, blocks=None):
         """idx [B, T] -> final hidden states [B, T, C]; logits are lm_head(hidden).
         caches (generation): new_caches(), written by this call. pos None: idx holds positions 0..T-1 (training,
-        a prompt); pos [B] (decoding): row b's tokens are at pos[b].., and see the cache's keys before them."""
+        a prompt); pos [B] (decoding): row b's tokens are at pos[b].., and see the cache's keys before them.
+        blocks: run only the first `blocks` blocks and return the residual stream there, before any final
+        norm (RMU reads and steers an inner layer; the blocks above it need not run)."""
         T = idx.size(1)
         assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
         positions = torch.arange(T, device=idx.device)[None] if pos is None else pos[:, None] + torch.arange(T, device=idx.device)
@@ -280,13 +282,13 @@ class GPT(nn.Module):
                 continue
             j, p = torch.arange(T if pos is None else caches[0][0].size(2), device=idx.device), positions[..., None]
             masks[w] = ((j <= p) & (p - j < w) if w else j <= p)[:, None]  # [B|1, 1, T, keys]
-        for i, block in enumerate(self.transformer.h):
+        for i, block in enumerate(self.transformer.h[:blocks]):
             mask = masks[block.attn.window]
             if self.checkpointing and self.training and caches is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)  # recomputed in backward: memory for time
             else:
                 x = block(x, rope, mask, None if caches is None else caches[i], pos)
-        return self.transformer.ln_f(x)
+        return x if blocks is not None else self.transformer.ln_f(x)
 
     def rope_tables(self, length, device, dtype):
         """RoPE's cos and sin [length, head_dim] of positions 0..length-1: computed in fp32 and cast to the

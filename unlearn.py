@@ -41,14 +41,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dat
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared data format)
 from common import Split, cat  # noqa: E402  (a split in memory: token rows and what each position holds)
 from tofu.metrics import ks_pvalue  # noqa: E402  (data/tofu/metrics.py: TOFU's own metrics)
-from metrics import evaluate, extraction, progress, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
+from metrics import auc, evaluate, extraction, progress, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_PROBE = "Unlearning: 0123456789 café, naïve — 😀 <code>x = y[i] + 1</code>"  # same ids, same tokenizer
 torch.set_flush_denormal(True)  # on a CPU, the tiny floats unlearning leaves behind would slow math 10-100x
-LOSSES = ("ga", "gd", "kl", "npo", "ih")
+LOSSES = ("ga", "gd", "kl", "npo", "simnpo", "ih")
 ADAPTERS = ("", "_lora", "_flora")
-METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS) + ("icu", "eul", "rum")
+METHODS = tuple(l + a for l in LOSSES for a in ADAPTERS) + ("rmu", "icu", "eul", "rum")
+STOPS = ("rule", "budget", "mia")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,6 +83,8 @@ class Config:
     epochs: int = 30           # the budget, in passes over the forget set; the stopping rule may end it earlier
     ma_threshold: float = 0.0  # the stopping rule's forget MA level; 0: the target's MA on holdout (TDEC: published)
     el_threshold: float = 0.0  # the stopping rule's forget EL_n level; 0: the target's on holdout (TDEC: published)
+    stop: str = ""             # rule (Jang et al.'s MA/EL), budget (all --epochs) or mia (forget looks unseen to the LOSS attack); default rule, TOFU budget
+    forget_tokens: str = "all" # all, or secret: the forgetting terms see the secret tokens only (datasets that mark them)
     lr: float = 3e-4           # full-weight methods (ga, gd, kl, npo, ih, icu, rum)
     lora_lr: float = 1e-3      # adapter methods (_lora, _flora); FILA's paper: 1e-4 to 2e-4 (RESULTS.md: too slow here)
     eul_lr: float = 1e-2       # EUL's layers (more steps than LoRA: at the identity start its KL terms have zero gradient)
@@ -113,6 +116,10 @@ def parse_args(argv=None):
             p.add_argument("--proxy", default=f.default, choices=tuple(PROXIES), help=helps.get(f.name))
         elif f.name == "fila":
             p.add_argument("--fila", default=f.default, choices=("official", "normalised"), help=helps.get(f.name))
+        elif f.name == "stop":
+            p.add_argument("--stop", default=f.default, choices=STOPS, help=helps.get(f.name))
+        elif f.name == "forget_tokens":
+            p.add_argument("--forget_tokens", default=f.default, choices=("all", "secret"), help=helps.get(f.name))
         else:
             p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=helps.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
@@ -577,6 +584,19 @@ def loss_npo(model, ref, f, r, cfg):
     return 2 / beta * F.softplus(beta * (seq_logprob(model, f) - ref_logp)).sum() / whole(f)[1] + nll(model, r)
 
 
+def loss_simnpo(model, ref, f, r, cfg, beta=4.5, gamma=0.125, delta=0.0):
+    """SimNPO (Fan et al. 2024, "Simplicity prevails"): NPO without θ0, on the length-normalised loss:
+        L = γ·(2/β)·mean_f -log σ(β·(NLL_θ(x)/|x| - δ)) + NLL_θ(r),
+    NLL_θ(x)/|x| the sample's mean token loss. The forget push, -2γ·(1 - σ(β(m - δ))) per unit of a sample's
+    mean loss m, fades as m grows past δ: bounded, like NPO, with no reference model to run. As open-unlearning
+    computes it (locuslab/open-unlearning, src/trainer/unlearn/simnpo.py lines 18-20 and 30) with its defaults
+    (configs/trainer/SimNPO.yaml lines 6-10: δ 0, β 4.5, γ 0.125, α 1.0 on an NLL retain term). The paper
+    writes the margin outside β (σ(β·m - γ)); with δ = 0 the two agree."""
+    per_token = token_loss(model, f.x, f.y)  # 0 where not scored
+    mean = per_token.sum(1) / (f.y != -100).sum(1).clamp_min(1)
+    return gamma * 2 / beta * -F.logsigmoid(beta * (mean - delta)).sum() / whole(f)[1] + nll(model, r)
+
+
 def loss_ih(model, ref, f, r, cfg):
     """Inverted hinge (Cha et al., ICLR 2025): IH_t = 1 + p_θ(y_t) - max_{v≠y_t} p_θ(v), in [0, 2];
     L = mean_t IH_t(f) + NLL_θ(r). It lowers the true token by raising the runner-up, so the text stays
@@ -584,7 +604,7 @@ def loss_ih(model, ref, f, r, cfg):
     return mean_loss(model, f, "ih") + nll(model, r)
 
 
-LOSS_FNS = dict(ga=loss_ga, gd=loss_gd, kl=loss_kl, npo=loss_npo, ih=loss_ih)
+LOSS_FNS = dict(ga=loss_ga, gd=loss_gd, kl=loss_kl, npo=loss_npo, simnpo=loss_simnpo, ih=loss_ih)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -719,26 +739,65 @@ def merge_adapters(model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the unlearning loop, with Jang et al.'s stopping rule
+# the unlearning loop, and when it stops (--stop)
 
 
-def forget_check(model, forget, thresholds, cfg):
-    """Forget MA and EL_n, and whether both are below the holdout's: Jang et al.'s stopping rule with their
-    strict comparison (joeljang/knowledge-unlearning, models/Neo_Model.py line 647:
-    `ma < ma_threshold and el < el_threshold`). EL only when MA passes: generation is the costly part."""
-    ma = split_stats(model, forget)["ma"]
-    if thresholds is None:  # a fixed budget (TOFU's protocol)
-        return ma, float("nan"), False
+def forget_check(model, forget, stop, cfg):
+    """Has unlearning gone far enough? (done, a line for the log), by the rule of --stop (stop["rule"]):
+      rule    Jang et al.: forget MA and EL_n both below the level of unseen data, with their strict
+              comparison (joeljang/knowledge-unlearning, models/Neo_Model.py line 647:
+              `ma < ma_threshold and el < el_threshold`); EL only when MA passes: generation is the costly part
+      mia     the forget records look unseen: the LOSS attack's AUC, forget against holdout (one forward pass
+              of each), at most stop["auc"] (the oracle's AUC + 0.05, or 0.55 without an oracle)
+      budget  never: every epoch of --epochs runs (TOFU's protocol)"""
+    stats = split_stats(model, forget)
+    line = f"forget MA {stats['ma']:.3f}"
+    if stop["rule"] == "budget":
+        return False, line
+    if stop["rule"] == "mia":
+        held = split_stats(model, stop["holdout"])["loss_per"]
+        auc_ = auc(-stats["loss_per"].cpu().numpy(), -held.cpu().numpy())
+        return agree(auc_ <= stop["auc"]), f"{line} | MIA AUC {auc_:.3f}"
     # the EL its threshold belongs to: Jang's (prefixes from 1), or ICU's own on TDEC (from 150, el_first)
-    el = extraction(model, forget, cfg.el_n, thresholds.get("el_first", 1))[0].mean().item() \
-        if ma < thresholds["ma"] else float("nan")
-    return ma, el, agree(ma < thresholds["ma"] and el < thresholds["el10"])
+    el = extraction(model, forget, cfg.el_n, stop.get("el_first", 1))[0].mean().item() \
+        if stats["ma"] < stop["ma"] else float("nan")
+    el_text = "-" if math.isnan(el) else f"{el:.4f}"  # EL is generated only once MA passes
+    return agree(stats["ma"] < stop["ma"] and el < stop["el10"]), f"{line} EL{cfg.el_n} {el_text}"
 
 
-def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, name="", pairs=None, refine=None,
+def stopped_by_rule(stop):
+    """results.json's stopped_by when the rule holds: "threshold" (Jang et al.'s MA/EL) or "mia"."""
+    return "threshold" if stop["rule"] == "rule" else stop["rule"]
+
+
+def stop_line(stop, el_n=10):
+    """The rule in words, for the log and the report."""
+    if stop["rule"] == "rule":
+        return f"stopping rule ({stop['source']}): forget MA < {stop['ma']:.4f} and EL{el_n} < {stop['el10']:.4f}"
+    if stop["rule"] == "mia":
+        return f"stopping rule ({stop['source']}): MIA AUC (LOSS, forget vs holdout) <= {stop['auc']:.4f}"
+    return f"stopping rule: none, the whole budget of {stop['epochs']} epochs"
+
+
+def stopping_rule(cfg, thresholds, data, oracle):
+    """What --stop ends unlearning on (results.json records it): the rule's name and its level. thresholds: the
+    MA/EL level of unseen data (thresholds_for); oracle: the oracle's metrics, or None."""
+    if cfg.stop == "budget":
+        return dict(rule="budget", epochs=cfg.epochs)
+    if cfg.stop == "rule":
+        return dict(rule="rule", **thresholds)
+    if oracle is not None:  # the level membership inference reaches on a model that never saw the forget set
+        return dict(rule="mia", auc=oracle["mia_auc"]["loss"] + 0.05, source="the oracle's LOSS AUC + 0.05",
+                    holdout=data["holdout"])
+    return dict(rule="mia", auc=0.55, source="no oracle: 0.55", holdout=data["holdout"])
+
+
+def unlearn(model, ref, loss_fns, forget, retain, cfg, stop, lr, epochs, name="", pairs=None, refine=None,
             betas=None, clip=1.0):
     """Minimize the loss on (forget batch, retain batch) pairs, an epoch being one pass over the forget set,
-    until forget MA and EL_10 are both below the holdout's (Jang et al.), or the epoch budget ends.
+    until the stopping rule holds after an epoch (forget_check), or the epoch budget ends.
+    --forget_tokens secret: the forget batches score their secret tokens alone (Split.only), so every
+    forgetting term leaves the template and facts the records share with retain alone.
 
     --batch_size at least the forget set's size is Jang et al.'s setting: one full-batch update an epoch, then
     the check (their README line 51: the effective batch must equal the forget set), with their Adam betas
@@ -753,8 +812,8 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
     refine: a per-sample test, model -> bool [len(forget)] (True: forgotten), run before the first epoch and
     after each (ICU): as ICU's code, every epoch still batches all samples and masks the forgotten ones (and
     their analogues) out of the loss, skipping a batch left empty; every sample is re-checked, so one that
-    comes back re-enters. Returns a dict: stopped_by ("threshold", "budget", or "forgotten": no sample left
-    to unlearn), steps, tokens (of the rows the losses read), trainable_params, and forgotten_at (ICU: the
+    comes back re-enters. Returns a dict: stopped_by ("threshold", "mia", "budget", or "forgotten": no
+    sample left to unlearn), steps, tokens (of the rows the losses read), trainable_params, and forgotten_at (ICU: the
     first epoch each sample was forgotten, 0 = before any). A non-finite loss stops everything with the
     weights of the last epoch."""
     if isinstance(model, FSDPModule):  # torchrun: an evaluation forward leaves the root's whole weights in place
@@ -791,8 +850,9 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
                 continue
             if ri is None:
                 ri = pairs[fi] if pairs is not None else torch.randint(len(retain), (len(fi),), generator=gen)
-            # torchrun: this rank's rows of the batch (share)
-            f = share(forget.take(fi)) if "forget" in uses else None
+            # --forget_tokens secret: the forget rows score their secrets alone; torchrun: this rank's rows (share)
+            f = forget.take(fi).only(common.SECRET) if cfg.forget_tokens == "secret" else forget.take(fi)
+            f = share(f) if "forget" in uses else None
             r = share(retain.take(ri)) if "retain" in uses else None
             loss = loss_fn(model, ref, f, r, cfg) * (f if f is not None else r).weight
             loss.backward()
@@ -815,16 +875,68 @@ def unlearn(model, ref, loss_fns, forget, retain, cfg, thresholds, lr, epochs, n
             for i in gone.nonzero().flatten().tolist():
                 forgotten_at[i] = epoch if forgotten_at[i] is None else forgotten_at[i]
             keep = ~gone
-        ma, el, done = forget_check(model, forget, thresholds, cfg)
-        el_text = "-" if math.isnan(el) else f"{el:.4f}"  # EL is generated only once MA passes
-        print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | forget MA {ma:.3f} EL{cfg.el_n} {el_text} "
+        done, line = forget_check(model, forget, stop, cfg)
+        print(f"{name}: epoch {epoch} | loss {loss.item():.4f} | {line} "
               + (f"| active {int(keep.sum())} " if refine is not None else "") + f"| {time.time() - t0:.1f}s")
         if done or not keep.any():
             break
     # "forgotten": ICU's own rule, every sample passes the per-sample test (their code: unlearn_cnt < 1)
-    stopped_by = "threshold" if done else "forgotten" if not keep.any() else "budget"
+    stopped_by = stopped_by_rule(stop) if done else "forgotten" if not keep.any() else "budget"
     return dict(stopped_by=stopped_by, steps=steps, tokens=tokens,
                 trainable_params=sum(p.numel() for p in params), forgotten_at=forgotten_at if refine is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMU: representation misdirection for unlearning (Li et al. 2024, the WMDP paper)
+
+
+def activation_loss(h, target, mask, rows):
+    """RMU's distance: the squared difference averaged over the width, summed over each sample's scored
+    positions and divided by their number, then averaged over the step's `rows` samples (open-unlearning,
+    rmu.py lines 108-117)."""
+    per_position = (h.float() - target.float()).pow(2).mean(-1) * mask
+    return (per_position.sum(1) / mask.sum(1).clamp_min(1)).sum() / rows
+
+
+def loss_rmu(model, ref, f, r, cfg, layer, control, alpha=1.0, gamma=1.0):
+    """RMU (Li et al. 2024): at one layer's output h_l, steer the forget tokens' activations to a fixed random
+    vector c and hold the retain tokens' to the frozen model's:
+        L = γ·d(h_l(f), c) + α·d(h_l(r), h_l^θ0(r)),  d = activation_loss,  γ = α = 1
+    (open-unlearning configs/trainer/RMU.yaml lines 7-10, its retain term EMBED_DIFF; rmu.py lines 139-171).
+    The positions are those that predict a scored token (theirs: the scored tokens' own positions, one later:
+    here the hidden state that carries a token into the next is the one made to forget it)."""
+    h_f = model(f.x, blocks=layer + 1)
+    h_r = model(r.x, blocks=layer + 1)
+    with torch.no_grad():
+        ref_r = ref(r.x, blocks=layer + 1)
+    return gamma * activation_loss(h_f, control.to(h_f.dtype), f.y != -100, whole(f)[1]) + \
+        alpha * activation_loss(h_r, ref_r, r.y != -100, whole(r)[1])
+
+
+RMU_NOT_DISTRIBUTED = ("rmu cannot run under torchrun: it runs only the blocks up to its steered layer, and the "
+                       "sharded blocks above it would wait for a backward that never comes; run it on one process")
+
+
+def unlearn_rmu(model, target, forget, retain, cfg, stop, steering=2.0):
+    """RMU on a few MLPs below one layer. Its choices, as open-unlearning's WMDP experiment sets them
+    (configs/experiment/unlearn/wmdp/default.yaml lines 49-56, after the WMDP repository's rmu/unlearn.py):
+    the output of layer 7 of zephyr-7b's 32 (0-based: a quarter of the way up) is steered, and only the MLP
+    down-projections of layers 5, 6, 7 train; steering coefficient 2 (also RMU.yaml line 8); the control
+    vector c = coefficient · u/‖u‖, u uniform in [0, 1)^d, drawn once (rmu.py lines 100-106). Adapted to any
+    depth: the block ceil(L/4) - 1 (32 layers: 7 as theirs; GPT-2 small's 12: 2; the 4-layer testbed: 0) and
+    the down-projections (c_proj) of it and of up to two blocks below it, weights only, as theirs. (RMU.yaml
+    itself trains every weight on TOFU; the WMDP choice is the method's own.) No _lora / _flora variant:
+    RMU already trains a few chosen matrices whole, and a low-rank adapter on them adds nothing to read."""
+    if world() > 1:  # `all` under torchrun: reported as failed, the other methods go on
+        raise UserError(RMU_NOT_DISTRIBUTED)
+    layer = math.ceil(model.config.n_layer / 4) - 1
+    model.requires_grad_(False)
+    for block in model.transformer.h[max(0, layer - 2):layer + 1]:
+        block.mlp.c_proj.weight.requires_grad_(True)
+    u = torch.rand(model.config.n_embd, generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
+    control = steering * u / u.norm()
+    loss = lambda model, ref, f, r, cfg: loss_rmu(model, ref, f, r, cfg, layer, control)
+    return unlearn(model, target, [loss], forget, retain, cfg, stop, cfg.lr, cfg.epochs, "rmu")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -928,7 +1040,7 @@ def forgotten(model, split, prefix_len=50, suffix_len=50, beams=2, max_bleu=0.01
     return gone.to(split.rows.device), scores, f1
 
 
-def unlearn_icu(model, target, forget, pool, cfg, thresholds):
+def unlearn_icu(model, target, forget, pool, cfg, stop):
     """ICU on all weights: analogue pairs from `pool` (TDEC: its training set, as ICU's code; else retain),
     and before the first epoch and after every epoch ICU's per-sample test (forgotten: BLEU of the 2-beam
     continuation of its prefix against its true suffix < 0.01; BERTScore where available) takes the
@@ -936,16 +1048,15 @@ def unlearn_icu(model, target, forget, pool, cfg, thresholds):
     where the dataset has them (TDEC: MA 0.5994, not Jang's 0.2994, and EL_10 < 0.0499 on ICU's own EL, over
     prefixes of 150..190 tokens: metrics.extraction's `first`)."""
     pairs = analogues(target, forget, pool)
-    thresholds = thresholds and thresholds.get("icu", thresholds)
+    if "icu" in stop:  # Jang's rule, at ICU's own thresholds
+        stop = dict(stop, **stop["icu"])
     ran = "BLEU < 0.01" + (" or BERTScore F1 < 0.3" if have_bertscore() else
                            " (BERTScore not run: bert_score or bert-base-uncased is not on this machine)")
     print(f"icu: per-sample test: {ran}")
-    if thresholds:
-        el = f"ICU's EL{cfg.el_n} (prefixes from {thresholds['el_first']})" if "el_first" in thresholds else f"EL{cfg.el_n}"
-        print(f"icu: stopping rule ({thresholds.get('source', '').split(';')[0]}): forget MA < {thresholds['ma']:.4f} and "
-              f"{el} < {thresholds['el10']:.4f}")
+    if stop["rule"] == "rule":
+        print(f"icu: {stop_line(stop, cfg.el_n)}" + (f" (ICU's EL, prefixes from {stop['el_first']})" if "el_first" in stop else ""))
     # Adam betas (0.9, 0.98) and no gradient clipping, as ICU's code (train_neo_meanwhile_update.py line 412)
-    res = unlearn(model, target, [loss_icu], forget, pool, cfg, thresholds, cfg.lr, cfg.epochs, "icu",
+    res = unlearn(model, target, [loss_icu], forget, pool, cfg, stop, cfg.lr, cfg.epochs, "icu",
                   pairs=pairs, refine=lambda m: forgotten(m, forget)[0], betas=(0.9, 0.98), clip=None)
     res["forgotten_test"] = ran
     return res
@@ -1019,7 +1130,7 @@ def fuse(weights, grams_):
     return torch.linalg.solve(G, WG.t()).t().to(weights[0].dtype)  # G symmetric: W G = WG
 
 
-def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
+def unlearn_eul(model, target, forget, retain, cfg, stop, requests):
     """One EUL request: a fresh unlearning layer in every block on the frozen base, trained alternating a
     retain epoch, then a forget epoch, as the paper orders them; its weights and Gram matrices join
     `requests`, and the model gets the fusion of all requests so far (for a single request, the layer itself)."""
@@ -1028,7 +1139,7 @@ def unlearn_eul(model, target, forget, retain, cfg, thresholds, requests):
     model.requires_grad_(False)
     for b, layer in zip(blocks, layers):
         b.adapter = layer
-    result = unlearn(model, Frozen(model), [loss_eul_retain, loss_eul_forget], forget, retain, cfg, thresholds,
+    result = unlearn(model, Frozen(model), [loss_eul_retain, loss_eul_forget], forget, retain, cfg, stop,
                      cfg.eul_lr, cfg.epochs, "eul")
     g = grams(model, layers, forget)
     requests.append([{k: (getattr(l, k).weight.detach().clone(), g[getattr(l, k)]) for k in ("down", "up")}
@@ -1199,20 +1310,20 @@ def budgets(epochs, shares):
     return [max(1, int(c)) for c in np.diff(cuts, prepend=0)]
 
 
-def unlearn_rum(model, target, forget, retain, cfg, thresholds, data):
+def unlearn_rum(model, target, forget, retain, cfg, stop, data):
     """RUM: score the forget set with --proxy, then unlearn its thirds in order low, medium, high, each with
     its plan's loss and share of --epochs and the stopping rule on that third, all weights at --lr."""
     scores = PROXIES[cfg.proxy](target, forget, data, cfg)
     plan = RUM_PLANS[cfg.rum_plan]
     out = dict(steps=0, tokens=0, trainable_params=0, forgotten_at=None, proxy=cfg.proxy, plan=cfg.rum_plan, thirds=[])
     for (name, loss, _), epochs, idx in zip(plan, budgets(cfg.epochs, [p[2] for p in plan]), thirds(scores)):
-        res = unlearn(model, target, [loss], forget.take(idx), retain, cfg, thresholds, cfg.lr, epochs,
+        res = unlearn(model, target, [loss], forget.take(idx), retain, cfg, stop, cfg.lr, epochs,
                       f"rum {name} ({len(idx)} samples, {epochs} epochs)")
         out["steps"] += res["steps"]
         out["tokens"] += res["tokens"]
         out["trainable_params"] = res["trainable_params"]
         out["thirds"].append(dict(third=name, epochs=epochs, samples=idx.tolist(), stopped_by=res["stopped_by"]))
-    out["stopped_by"] = "threshold" if forget_check(model, forget, thresholds, cfg)[2] else "budget"
+    out["stopped_by"] = stopped_by_rule(stop) if forget_check(model, forget, stop, cfg)[0] else "budget"
     return out
 
 
@@ -1231,26 +1342,28 @@ class Frozen:
             return self.model(x)
 
 
-def apply_method(method, model, target, forget, retain, data, cfg, thresholds, eul_requests):
+def apply_method(method, model, target, forget, retain, data, cfg, stop, eul_requests):
     """Unlearn `forget` from `model` in place with one method; returns unlearn()'s dict. `target` is θ0 for
     the full-weight methods; adapter methods (LoRA, FILA, EUL) use `model` itself with its adapters off."""
     if method == "icu":
-        return unlearn_icu(model, target, forget, data.get("analogues", retain), cfg, thresholds)
+        return unlearn_icu(model, target, forget, data.get("analogues", retain), cfg, stop)
     if method == "eul":
-        return unlearn_eul(model, target, forget, retain, cfg, thresholds, eul_requests)
+        return unlearn_eul(model, target, forget, retain, cfg, stop, eul_requests)
     if method == "rum":
-        return unlearn_rum(model, target, forget, retain, cfg, thresholds, data)
+        return unlearn_rum(model, target, forget, retain, cfg, stop, data)
+    if method == "rmu":
+        return unlearn_rmu(model, target, forget, retain, cfg, stop)
     loss, _, adapter = method.partition("_")  # "ih_flora" -> inverted hinge on a FILA-initialised LoRA
-    if adapter:
-        add_adapters(model, adapter, forget, retain, cfg)
+    if adapter:  # FILA's importance: of the tokens the forgetting term sees
+        add_adapters(model, adapter, forget.only(common.SECRET) if cfg.forget_tokens == "secret" else forget, retain, cfg)
     # plain `ga` is Jang et al.'s method, whose code clips no gradient (no gradient_clip_val in run.py's Trainer)
-    result = unlearn(model, Frozen(model) if adapter else target, [LOSS_FNS[loss]], forget, retain, cfg, thresholds,
+    result = unlearn(model, Frozen(model) if adapter else target, [LOSS_FNS[loss]], forget, retain, cfg, stop,
                      cfg.lora_lr if adapter else cfg.lr, cfg.epochs, method, clip=None if method == "ga" else 1.0)
     merge_adapters(model)
     return result
 
 
-def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_losses=None, oracle_tofu=None):
+def run_method(method, target, data, meta, cfg, stop, oracle=None, oracle_losses=None, oracle_tofu=None):
     """One method on a fresh copy of the target model, the forget set split into cfg.requests sequential
     deletion requests (EUL: one unlearning layer per request, fused after each); evaluate, return results."""
     torch.manual_seed(cfg.seed)
@@ -1268,7 +1381,7 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
     total = dict(steps=0, tokens=0, trainable_params=0)
     eul_requests, per_request, forgotten_at = [], [], [None] * len(forget)
     for k, idx in enumerate(chunks, 1):
-        res = apply_method(method, model, target, forget.take(idx), retain, data, cfg, thresholds, eul_requests)
+        res = apply_method(method, model, target, forget.take(idx), retain, data, cfg, stop, eul_requests)
         total["steps"] += res["steps"]
         total["tokens"] += res["tokens"]
         total["trainable_params"] = max(total["trainable_params"], res["trainable_params"])
@@ -1282,7 +1395,7 @@ def run_method(method, target, data, meta, cfg, thresholds, oracle=None, oracle_
             print(f"{method}: after request {k}/{cfg.requests} | forget so far MA {per_request[-1]['forget_ma']:.3f} "
                   f"EL{cfg.el_n} {el:.4f} | retain MA {per_request[-1]['retain_ma']:.3f}")
     stopped_by = res["stopped_by"] if cfg.requests == 1 else \
-        ("threshold" if forget_check(model, forget, thresholds, cfg)[2] else "budget")
+        (stopped_by_rule(stop) if forget_check(model, forget, stop, cfg)[0] else "budget")
     time_s = time.time() - t0
     peak = torch.cuda.max_memory_allocated() if cfg.device == "cuda" else None
     print(f"{method}: stopped by {stopped_by} after {total['steps']} steps, {time_s:.1f}s; evaluating")
@@ -1329,7 +1442,7 @@ REPORT_ROWS = (
     ("TOFU privleak", ("tofu", "privleak"), "≈"), ("TOFU extraction strength", ("tofu", "extraction_strength"), "↓"))
 
 
-def report(method, res, before, oracle, thresholds, el_n=10):
+def report(method, res, before, oracle, stop, el_n=10):
     """The run's result for a terminal: how it stopped, the rule, then plain fixed-width columns: which way is
     better, the target before, the model after, and a reference, the level to reach: the oracle (exact
     unlearning) where there is one, else the target's holdout level for the forget rows (unseen data) and 0.5
@@ -1350,8 +1463,7 @@ def report(method, res, before, oracle, thresholds, el_n=10):
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [f"{method}: stopped by {res['stopped_by']} after {res['steps']} steps, {res['time_s']:.1f}s" +
              (" | COLLAPSED: retain perplexity more than 10x the target's" if res.get("collapsed") else ""),
-             f"stopping rule ({thresholds['source']}): forget MA < {thresholds['ma']:.4f} and EL{el_n} < "
-             f"{thresholds['el10']:.4f}" if thresholds else "stopping rule: none, a fixed budget"]
+             stop_line(stop, el_n)]
     lines += ["  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].center(widths[i]) if i == 1 else r[i].rjust(widths[i])
                         for i in range(5)) for r in rows]
     lines.append("better: ↓ lower, ↑ higher, ≈ nearest the reference; the forget rows down (perplexity up) to the "
@@ -1436,17 +1548,19 @@ def validate(cfg):
         raise UserError("--rum_plan neggrad+ cannot run under torchrun: its epochs pass over retain with the forget "
                         "batches cycled, two batches of different sizes that the ranks cannot share alike; "
                         "run it on one process, or use --rum_plan mixed")
+    if world() > 1 and cfg.method == "rmu":
+        raise UserError(RMU_NOT_DISTRIBUTED)
     if world() > cfg.batch_size:
         raise UserError(f"torchrun runs {world()} processes, more than --batch_size {cfg.batch_size}: each needs "
                         f"a share of a step's batch; use --nproc_per_node at most {cfg.batch_size}")
 
 
 def thresholds_for(meta, before, cfg):
-    """Jang et al.'s stopping rule: forget MA and EL_10 below the level of unseen data. --ma_threshold and
-    --el_threshold, when given, are the levels. Else a dataset with a holdout measures that level on the target
+    """The level of unseen data for Jang et al.'s stopping rule: forget MA and EL_10 below it. --ma_threshold
+    and --el_threshold, when given, are the levels. Else a dataset with a holdout measures it on the target
     (EL_10 floored at 0.001: a small holdout can score exactly 0, and one stray 10-gram would then block the
-    rule); TDEC has none and brings the published thresholds; TOFU's protocol, and your own records without a
-    holdout.jsonl, are a fixed budget (None: no rule)."""
+    rule); TDEC has none and brings the published thresholds; TOFU, and your own records without a
+    holdout.jsonl, have none (None)."""
     if cfg.ma_threshold:
         return {"ma": cfg.ma_threshold, "el10": cfg.el_threshold, "source": "--ma_threshold / --el_threshold"}
     rule = meta.get("protocol", {})
@@ -1455,8 +1569,6 @@ def thresholds_for(meta, before, cfg):
         if "icu" in rule:
             out["icu"] = {k: rule["icu"][k] for k in ("ma", "el10", "source", "el_first") if k in rule["icu"]}
         return out
-    if rule.get("rule") == "fixed budget":
-        return None
     if "holdout" in before:
         return {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3), "source": "holdout"}
     return None
@@ -1534,17 +1646,22 @@ def plan(cfg, meta, data):
     sooner, and where the results go. A holdout's levels are the target's: printed once it is evaluated."""
     rule = meta.get("protocol", {})
     rule = rule.get("icu", rule) if cfg.method == "icu" else rule  # ICU's repository has its own MA level
-    if cfg.ma_threshold:
+    if cfg.stop == "budget" and rule.get("rule") == "fixed budget":
+        stop = "none, the protocol's fixed budget"
+    elif cfg.stop == "budget" and "ma" not in rule and "holdout" not in data and not cfg.ma_threshold:
+        stop = ("none, the whole budget: no holdout to measure the level of unseen data on, and no "
+                "--ma_threshold / --el_threshold given")
+    elif cfg.stop == "budget":
+        stop = "none, the whole budget (--stop budget)"
+    elif cfg.stop == "mia":
+        stop = ("the LOSS attack's AUC, forget vs holdout, at most " +
+                ("the oracle's + 0.05" if cfg.oracle or cfg.oracle_from or cfg.method in ("all", "rum") else "0.55"))
+    elif cfg.ma_threshold:
         stop = f"forget MA < {cfg.ma_threshold} and EL{cfg.el_n} < {cfg.el_threshold} (--ma_threshold / --el_threshold)"
     elif "ma" in rule:
         stop = f"forget MA < {rule['ma']} and EL{cfg.el_n} < {rule['el10']} (the published levels)"
-    elif rule.get("rule") == "fixed budget":
-        stop = "none, the protocol's fixed budget"
-    elif "holdout" in data:
-        stop = f"forget MA and EL{cfg.el_n} below the target's holdout level, known once the target is evaluated"
     else:
-        stop = ("none, the whole budget: no holdout to measure the level of unseen data on, and no "
-                "--ma_threshold / --el_threshold given")
+        stop = f"forget MA and EL{cfg.el_n} below the target's holdout level, known once the target is evaluated"
     model = cfg.init_from if cfg.init_from != "scratch" else f"a {cfg.n_layer} x {cfg.n_embd} GPT from scratch"
     if cfg.train_epochs == 0:
         target = f"{model} as it is"
@@ -1587,6 +1704,16 @@ def run(cfg):
                 print(f"--{name} {rule['epochs']}: {meta['dataset']}'s protocol ({rule['source'].split(':')[0]})")
     if cfg.requests > len(data["forget"]):
         raise UserError(f"--requests {cfg.requests} is more than the {len(data['forget'])} forget samples")
+    levels = cfg.ma_threshold or rule.get("rule") == "thresholds" or "holdout" in data  # the MA/EL rule's, known
+    # the default: Jang et al.'s rule where its level is known and the protocol is not a fixed budget (TOFU's)
+    cfg.stop = cfg.stop or ("rule" if cfg.ma_threshold or (levels and rule.get("rule") != "fixed budget") else "budget")
+    if cfg.stop == "mia" and "holdout" not in data:
+        raise UserError(f"--stop mia compares forget with holdout, and {meta['dataset']} has no holdout: use --stop rule or budget")
+    if cfg.stop == "rule" and not levels:
+        raise UserError(f"--stop rule needs the level of unseen data: {meta['dataset']} has no holdout and no published "
+                        f"thresholds; give --ma_threshold and --el_threshold, or use --stop budget")
+    if cfg.forget_tokens == "secret" and not (data["forget"].kind == common.SECRET).any():
+        raise UserError(f"--forget_tokens secret: {meta['dataset']} marks no secret tokens in its forget set")
     plan(cfg, meta, data)
     with main_first():  # torchrun: rank 0 trains (or finds) the target and caches it, the others read it
         target, events = load_or_train(cfg, meta, data, "target", ("forget", "retain"))
@@ -1609,8 +1736,8 @@ def run(cfg):
     print("evaluating the target model")
     before = evaluate(target, data, cfg, meta, judge=oracle, oracle_tofu=oracle_tofu)
     thresholds = thresholds_for(meta, before, cfg)
-    if thresholds:
-        print(f"stopping rule ({thresholds['source']}): forget MA < {thresholds['ma']:.4f} and EL{cfg.el_n} < {thresholds['el10']:.4f}")
+    stop = stopping_rule(cfg, thresholds, data, columns.get("oracle"))
+    print(stop_line(stop, cfg.el_n))
     columns = {"before": before, **columns}
     if oracle is not None:
         before["forget_quality"] = ks_pvalue(before["forget_losses"], columns["oracle"]["forget_losses"])
@@ -1622,7 +1749,7 @@ def run(cfg):
         for k in range(cfg.seeds):  # the unlearning seeds; the target is the same
             seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
             try:
-                res, model = run_method(method, target, data, meta, seed_cfg, thresholds, oracle, oracle_losses, oracle_tofu)
+                res, model = run_method(method, target, data, meta, seed_cfg, stop, oracle, oracle_losses, oracle_tofu)
             except UserError as e:  # one method's failure (a non-finite loss) does not end `all`
                 if cfg.method != "all":
                     raise
@@ -1636,7 +1763,8 @@ def run(cfg):
             continue
         for r in runs:
             r["collapsed"] = collapsed(before, r["after"])
-        res = dict(runs[0], dataset=cfg.dataset, thresholds=thresholds, before=before, config=asdict(cfg),
+        res = dict(runs[0], dataset=cfg.dataset, stop={k: v for k, v in stop.items() if k != "holdout"},
+                   thresholds=thresholds, before=before, config=asdict(cfg),
                    dtype=str(model_dtype(cfg)).removeprefix("torch."))  # what ran, also where --dtype was left empty
         if cfg.seeds > 1:
             res["seeds"] = [dict(seed=cfg.seed + k, **{name: get(r, *keys) for name, keys, _ in HEADLINE})
@@ -1655,7 +1783,7 @@ def run(cfg):
         if rank() > 0:  # rank 0 alone writes
             continue
         publish(cfg.out_dir, method, res, *((exported, tok) if cfg.init_from != "scratch" else ()))  # with its results.json
-        print(report(method, res, before, columns.get("oracle"), thresholds, cfg.el_n))
+        print(report(method, res, before, columns.get("oracle"), stop, cfg.el_n))
         secrets = res["after"]["forget"].get("secrets", [])
         still = [f"{x['secret'].strip()!r} ({'line ' + str(x['line']) if 'line' in x else 'row ' + str(x['row'])})"
                  for x in secrets if x["extracted"]]

@@ -511,6 +511,13 @@ class Split:
             new.events = {k: v[idx] for k, v in self.events.items()}
         return new
 
+    def only(self, kind):
+        """The same rows with only the positions of one kind scored (y = -100 elsewhere): --forget_tokens
+        secret gives the forgetting terms the secret tokens alone."""
+        new = copy.copy(self)
+        new.y = torch.where(self.kind[:, 1:] == kind, self.rows[:, 1:], -100)
+        return new
+
     def secrets(self):
         """Per row, the [start, end) spans of secret tokens (kind 3): what only memorization reproduces."""
         out = []
