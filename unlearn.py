@@ -772,10 +772,11 @@ def stopped_by_rule(stop):
 
 def stop_line(stop, el_n=10):
     """The rule in words, for the log and the report."""
+    source = f" ({stop['source']})" if "source" in stop else ""
     if stop["rule"] == "rule":
-        return f"stopping rule ({stop['source']}): forget MA < {stop['ma']:.4f} and EL{el_n} < {stop['el10']:.4f}"
+        return f"stopping rule{source}: forget MA < {stop['ma']:.4f} and EL{el_n} < {stop['el10']:.4f}"
     if stop["rule"] == "mia":
-        return f"stopping rule ({stop['source']}): MIA AUC (LOSS, forget vs holdout) <= {stop['auc']:.4f}"
+        return f"stopping rule{source}: MIA AUC (LOSS, forget vs holdout) <= {stop['auc']:.4f}"
     return f"stopping rule: none, the whole budget of {stop['epochs']} epochs"
 
 
