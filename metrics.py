@@ -2,7 +2,8 @@
 The metrics of the report, beside unlearn.py (which trains; this file measures). Jang et al. 2022 for
 memorization accuracy (MA), extraction likelihood (EL_n) and the stopping rule's levels; Carlini et al. 2021
 and Shi et al. 2024 for the membership-inference attacks; the testbed's secret extraction and fluency.
-TOFU's own metrics are in data/tofu/metrics.py.
+At the end, the report: the aligned table a run prints, and comparison.md for `--method all`. TOFU's own
+metrics are in data/tofu/metrics.py.
 """
 import math
 import os
@@ -272,3 +273,106 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
     if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the report: the table a run prints, and `--method all`'s comparison.md
+
+
+def stop_line(stop, el_n=10):
+    """The rule in words, for the log and the report."""
+    source = f" ({stop['source']})" if "source" in stop else ""
+    if stop["rule"] == "rule":
+        return f"stopping rule{source}: forget MA < {stop['ma']:.4f} and EL{el_n} < {stop['el10']:.4f}"
+    if stop["rule"] == "mia":
+        return f"stopping rule{source}: MIA AUC (LOSS, forget vs holdout) <= {stop['auc']:.4f}"
+    return f"stopping rule: none, the whole budget of {stop['epochs']} epochs"
+
+def get(d, *keys):
+    """d[k1][k2]..., NaN where a dataset has no such metric (no holdout: no MIA; no template: no fluency)."""
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return float("nan")
+        d = d[k]
+    return d
+
+
+# the table a run prints: (row, keys into an evaluation, which way is better: ↓ lower, ↑ higher, ≈ nearest the
+# reference). The forget rows go down (perplexity up) to the reference: far past it is overshoot, not better.
+REPORT_ROWS = (
+    ("forget MA", ("forget", "ma"), "↓"), ("forget EL10", ("forget", "el10"), "↓"),
+    ("forget perplexity", ("forget", "ppl"), "↑"), ("forget secrets extracted", ("forget", "extraction"), "↓"),
+    # secret tokens alone beside all tokens: an all-token MA at the level can hide secrets still known
+    ("forget MA, secret tokens", ("forget", "ma_secret"), "↓"), ("forget loss", ("forget", "loss"), "↑"),
+    ("forget loss, secret tokens", ("forget", "loss_secret"), "↑"),
+    ("retain MA", ("retain", "ma"), "↑"), ("retain perplexity", ("retain", "ppl"), "↓"),
+    ("holdout MA", ("holdout", "ma"), "↑"), ("holdout perplexity", ("holdout", "ppl"), "↓"),
+    *((f"MIA AUC {k}", ("mia_auc", k), "≈") for k in ("loss", "zlib", "mink", "loss_text", "loss_fact", "loss_secret")),
+    ("fluency score", ("fluency", "forget", "score"), "↑"), ("fluency fidelity", ("fluency", "forget", "fidelity"), "↑"),
+    ("fluency repetition", ("fluency", "forget", "repetition"), "↓"), ("fluency perplexity", ("fluency", "forget", "ppl"), "↓"),
+    ("forget quality (KS p)", ("forget_quality",), "↑"),
+    ("TOFU forget quality", ("tofu", "forget_quality"), "↑"), ("TOFU model utility", ("tofu", "model_utility"), "↑"),
+    ("TOFU forget probability", ("tofu", "forget_Q_A_Prob"), "↓"), ("TOFU forget ROUGE-L", ("tofu", "forget_Q_A_ROUGE"), "↓"),
+    ("TOFU forget truth ratio", ("tofu", "forget_truth_ratio"), "↑"),
+    ("TOFU privleak", ("tofu", "privleak"), "≈"), ("TOFU extraction strength", ("tofu", "extraction_strength"), "↓"))
+
+
+def report(method, res, before, oracle, stop, el_n=10):
+    """The run's result for a terminal: how it stopped, the rule, then plain fixed-width columns: which way is
+    better, the target before, the model after, and a reference, the level to reach: the oracle (exact
+    unlearning) where there is one, else the target's holdout level for the forget rows (unseen data) and 0.5
+    (chance) for the MIA AUCs. The markdown tables are comparison.md's (`--method all`)."""
+    after = res["after"]
+    if oracle is not None:
+        ref_name, ref = "oracle", lambda keys: get(oracle, *keys)
+    else:
+        ref_name = "holdout level"
+        ref = lambda keys: get(before, "holdout", keys[1]) if keys[0] == "forget" else 0.5 if keys[0] == "mia_auc" \
+            else float("nan")
+    cell = lambda v: "-" if math.isnan(v) else f"{v:.3g}"
+    rows = [("metric", "better", "before", "after", ref_name)]
+    for name, keys, better in REPORT_ROWS:
+        values = [get(before, *keys), get(after, *keys), ref(keys)]
+        if not all(math.isnan(v) for v in values[:2]):
+            rows.append((name, better, *map(cell, values)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [f"{method}: stopped by {res['stopped_by']} after {res['steps']} steps, {res['time_s']:.1f}s" +
+             (" | COLLAPSED: retain perplexity more than 10x the target's" if res.get("collapsed") else ""),
+             stop_line(stop, el_n)]
+    lines += ["  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].center(widths[i]) if i == 1 else r[i].rjust(widths[i])
+                        for i in range(5)) for r in rows]
+    lines.append("better: ↓ lower, ↑ higher, ≈ nearest the reference; the forget rows down (perplexity up) to the "
+                 "reference, not past it")
+    return "\n".join(lines)
+
+# the columns of `--method all`'s table: (name, keys into a result's "after" or the result itself, format)
+HEADLINE = (("forget MA", ("after", "forget", "ma"), ".3f"), ("forget EL10", ("after", "forget", "el10"), ".4f"),
+            ("retain MA", ("after", "retain", "ma"), ".3f"), ("retain ppl", ("after", "retain", "ppl"), ".2f"),
+            ("holdout ppl", ("after", "holdout", "ppl"), ".2f"), ("MIA AUC", ("after", "mia_auc", "loss"), ".3f"),
+            ("fluency", ("after", "fluency", "score"), ".3f"), ("forget quality", ("after", "forget_quality"), ".2g"),
+            ("TOFU forget quality", ("after", "tofu", "forget_quality"), ".2g"),
+            ("TOFU model utility", ("after", "tofu", "model_utility"), ".3f"),
+            ("TOFU forget ROUGE-L", ("after", "tofu", "forget_Q_A_ROUGE"), ".3f"),
+            ("steps", ("steps",), ".0f"), ("time s", ("time_s",), ".1f"))
+
+
+def comparison(summary, oracle):
+    """`--method all`: one row per method, the oracle (exact unlearning) last; with --seeds K each cell is
+    the mean ± the sample standard deviation (ddof 1) over the K unlearning seeds (the target is the same)."""
+    cols = [c for c in HEADLINE if not all(math.isnan(get(r, *c[1])) for runs in summary.values() for r in runs)]
+    lines = ["| method | stopped by | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for m, runs in summary.items():
+        cells = []
+        for _, keys, f in cols:
+            v = np.array([get(r, *keys) for r in runs], float)
+            cells.append(format(v.mean(), f) + (f" ± {format(v.std(ddof=1), f)}" if len(v) > 1 else ""))
+        stopped = "/".join(sorted({r["stopped_by"] for r in runs})) + (" (collapsed)" if any(r.get("collapsed") for r in runs) else "")
+        lines.append(f"| {m} | {stopped} | " + " | ".join(cells) + " |")
+    o = {"after": oracle}
+    lines.append("| oracle | - | " + " | ".join(format(get(o, *k), f) if k[0] == "after" else "-" for _, k, f in cols) + " |")
+    return "\n".join(lines)
+
+def collapsed(before, after, factor=10):
+    """A model whose retain perplexity rose more than `factor` times over the target's has lost what it should
+    keep, whatever stopped its run (a threshold met by a destroyed model, or a budget)."""
+    return bool(get(after, "retain", "ppl") > factor * get(before, "retain", "ppl"))
