@@ -349,6 +349,7 @@ def report(method, res, before, oracle, stop, el_n=10):
 HEADLINE = (("forget MA", ("after", "forget", "ma"), ".3f"), ("forget EL10", ("after", "forget", "el10"), ".4f"),
             ("retain MA", ("after", "retain", "ma"), ".3f"), ("retain ppl", ("after", "retain", "ppl"), ".2f"),
             ("holdout ppl", ("after", "holdout", "ppl"), ".2f"), ("MIA AUC", ("after", "mia_auc", "loss"), ".3f"),
+            ("MIA AUC secret", ("after", "mia_auc", "loss_secret"), ".3f"),  # secret tokens alone (people, your data)
             ("fluency", ("after", "fluency", "score"), ".3f"), ("forget quality", ("after", "forget_quality"), ".2g"),
             ("TOFU forget quality", ("after", "tofu", "forget_quality"), ".2g"),
             ("TOFU model utility", ("after", "tofu", "model_utility"), ".3f"),
