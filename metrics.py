@@ -238,24 +238,29 @@ def real_nll(judge, split):
 def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu=None):
     """Every metric of the report for one model. judge: a model that never saw the forget set (the oracle),
     for fluency; oracle_tofu: the oracle's own TOFU block (its truth ratios make TOFU's forget quality).
-    The generation metrics of the splits run as one batch (retain: its first eval_n records), since
-    generation costs per step more than per row; TOFU, whose protocol has no stopping rule, skips them."""
+    Generation (EL_n, secret extraction) runs on forget, and on holdout, whose EL is the stopping rule's level
+    where none is published, as one batch: it costs per step more than per row. Retain gets MA and perplexity
+    alone: EL on retain reported nothing, and on TDEC it was 16x forget's (64 rows against 4).
+    TOFU, whose protocol has no stopping rule, skips generation."""
     names = [s for s in ("forget", "retain", "holdout") if s in data]
-    gen_splits = [data[s] if s != "retain" else data[s].take(range(min(cfg.eval_n, len(data[s])))) for s in names]
+    gen = [s for s in ("forget", "holdout") if s in data]
     tofu = meta["dataset"] == "tofu"
-    n = sum(map(len, gen_splits))
-    el, extracted = extraction(model, cat(*gen_splits), cfg.el_n) if not tofu else (torch.full((n,), float("nan")), [[]] * n)
+    n = sum(len(data[s]) for s in gen)
+    el, extracted = extraction(model, cat(*[data[s] for s in gen]), cfg.el_n) if not tofu \
+        else (torch.full((n,), float("nan")), [[]] * n)
     out, stats, i = {}, {}, 0
-    for name, split in zip(names, gen_splits):
+    for name in names:
         stats[name] = split_stats(model, data[name])
-        got = extracted[i:i + len(split)]
+        out[name] = dict(ma=stats[name]["ma"], ppl=stats[name]["ppl"], loss=stats[name]["loss"], **stats[name]["by_kind"])
+        if name not in gen:
+            continue
+        got, per = extracted[i:i + len(data[name])], el[i:i + len(data[name])]
         n_secrets = sum(map(len, got))
-        out[name] = dict(ma=stats[name]["ma"], el10=el[i:i + len(split)].mean().item(), ppl=stats[name]["ppl"],
-                         loss=stats[name]["loss"], extraction=sum(map(sum, got)) / n_secrets if n_secrets else float("nan"),
-                         el_per=el[i:i + len(split)].tolist(), **stats[name]["by_kind"])
+        out[name].update(el10=per.mean().item(), el_per=per.tolist(),
+                         extraction=sum(map(sum, got)) / n_secrets if n_secrets else float("nan"))
         if name == "forget" and n_secrets:
-            out[name]["secrets"] = secret_report(split, got, meta.get("lines", {}).get("forget"))
-        i += len(split)
+            out[name]["secrets"] = secret_report(data[name], got, meta.get("lines", {}).get("forget"))
+        i += len(data[name])
     if "holdout" in data:  # membership inference: forget (trained on) against holdout (never)
         texts = {s: [meta["decode"](r[data[s].start:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
                  for s in ("forget", "holdout")}

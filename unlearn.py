@@ -97,7 +97,6 @@ class Config:
     proxy: str = "confidence"  # rum: the memorization proxy, one of PROXIES
     rum_plan: str = "mixed"    # rum: a loss per third (npo, ih, gd), or "neggrad+" for every third as RUM's code (RESULTS.md)
     requests: int = 1          # the forget set as K sequential deletion requests, applied one after another
-    eval_n: int = 64           # retain records used for the (costly) generation metrics
     seeds: int = 1             # run each method with K unlearning seeds (seed, seed+1, ...): tables show mean ± std
 
 
@@ -1423,7 +1422,7 @@ def write_json(path, obj):
 def validate(cfg):
     """Every option checked before anything runs: one line for the first that is wrong."""
     positive = ("lr", "lora_lr", "eul_lr", "train_lr", "npo_beta")
-    at_least_1 = ("requests", "batch_size", "train_batch", "epochs", "rank", "el_n", "eval_n", "seeds",
+    at_least_1 = ("requests", "batch_size", "train_batch", "epochs", "rank", "el_n", "seeds",
                   "n_layer", "n_head", "n_embd")
     for name in positive:
         v = getattr(cfg, name)
