@@ -619,11 +619,12 @@ def bench_svd(rank=8):
 
 # ----------------------------------------------------------------------------- (r) FILA's peak memory
 
-def bench_fila_memory(n_layer, rows=8, tokens=64):
+def bench_fila_memory(n_layer, rows=32, tokens=64):
     """Peak RSS of this (fresh) process through FILA's two Fisher passes as fila_init runs them (forget, then
     retain, both diagonals kept: the peak of the initialisation; the SVDs after it add one layer's factors) on a
     random model of Llama-3.2-1B's shape cut to n_layer of its 16 layers, fp32, forget and retain each `rows`
-    random sequences of `tokens`: VmHWM, and the same above the RSS before the first pass."""
+    random sequences of `tokens` (one Fisher batch of 32: what the former path held for all layers at once):
+    VmHWM, and the same above the RSS before the first pass."""
     import unlearn
     from model import GPT, GPTConfig
     torch.manual_seed(0)
