@@ -17,7 +17,7 @@ Benchmarks of kernels/ against the PyTorch baselines; prints markdown tables of 
     kernel | torch.func vmap(grad) (all per-sample gradients materialized) | squared mini-batch gradient
     (FILA's official estimate, not the same quantity: it is what the kernel replaces, at its cost)
 (p) mixed precision: one full-weight step (forward, mean NLL, backward, AdamW) under --dtype bfloat16 (autocast,
-    fp32 master weights: unlearn.autocast + unlearn.mixed_precision) against fp32, same model and tokens.
+    fp32 master weights: unlearn.autocast + model.mixed_precision) against fp32, same model and tokens.
 (n) CPU: torchrun's data parallelism as unlearn.py runs it (FSDP2 over gloo for a full-weight step): time per
     step of 2 processes against 1 at the same global batch, each process one thread (OMP_NUM_THREADS=1), on
     the default target's shape and a GPT-2-small-shaped model (random weights and tokens). `--parts n`.
@@ -370,36 +370,36 @@ def dist_case(shape, batch, steps):
     ms per step as JSON."""
     import unlearn
     from common import Split
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, dist_setup, rank, shard, share, sync_grads, world
     spec = dict(DIST_SHAPES[shape])
     seq = spec.pop("seq")
     cfg = unlearn.parse_args(["--device", "cpu", "--batch_size", str(batch), "--dtype", "float32"])
-    unlearn.dist_setup(cfg)
+    dist_setup(cfg.device)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**spec))
-    if unlearn.world() > 1:
-        unlearn.shard(model, cfg)
+    if world() > 1:
+        shard(model, unlearn.model_dtype(cfg))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     rows = torch.randint(0, spec["vocab_size"], (batch, seq + 1))
     split = Split(rows.numpy(), torch.ones_like(rows).numpy(), "cpu")
 
     def step():
-        part = unlearn.share(split)
+        part = share(split)
         (unlearn.nll(model, part) * part.weight).backward()
-        unlearn.sync_grads(model, params)
+        sync_grads(model, params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()  # warm-up
     times = []
     for _ in range(steps):
-        if unlearn.world() > 1:
+        if world() > 1:
             torch.distributed.barrier()
         times.append(timed(step, False))
-    if unlearn.rank() == 0:
+    if rank() == 0:
         print(json.dumps({"ms": statistics.median(times)}))
-    if unlearn.world() > 1:
+    if world() > 1:
         torch.distributed.destroy_process_group()
 
 
@@ -473,7 +473,7 @@ def bench_precision(shapes, dev, repeats, cuda):
     model stored in bf16, its trained weights made fp32 by mixed_precision, the step under autocast), on random
     tokens; interleaved rounds, the first a warm-up, median of the rest."""
     import unlearn
-    from model import GPT
+    from model import GPT, mixed_precision
     print("\n### (p) full-weight step, bf16 (autocast, fp32 master weights) vs fp32\n")
     row("model", "batch", "fp32 (ms)", "bf16 (ms)", "bf16 / fp32")
     row(*["---"] * 5)
@@ -483,7 +483,7 @@ def bench_precision(shapes, dev, repeats, cuda):
             cfg = unlearn.Config(device=dev, dtype=dtype)
             torch.manual_seed(0)
             model = GPT(config).to(dev, getattr(torch, dtype)).train()
-            opt = torch.optim.AdamW(unlearn.mixed_precision(model), lr=1e-5)
+            opt = torch.optim.AdamW(mixed_precision(model), lr=1e-5)
             idx = torch.randint(0, config.vocab_size, (batch, seq + 1), device=dev)
             scale = torch.full((batch * seq,), 1.0 / (batch * seq), device=dev)
 

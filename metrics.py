@@ -2,11 +2,13 @@
 The metrics of the report, beside unlearn.py (which trains; this file measures). Jang et al. 2022 for
 memorization accuracy (MA), extraction likelihood (EL_n) and the stopping rule's levels; Carlini et al. 2021
 and Shi et al. 2024 for the membership-inference attacks; the testbed's secret extraction and fluency.
-At the end, the report: the aligned table a run prints, and comparison.md for `--method all`. TOFU's own
-metrics are in data/tofu/metrics.py.
+Then ICU's text-similarity tests (BLEU, BERTScore). At the end, the report: the aligned table a run prints,
+and comparison.md for `--method all`. TOFU's own metrics are in data/tofu/metrics.py.
 """
+import importlib.util
 import math
 import os
+import re
 import sys
 import zlib
 
@@ -278,6 +280,44 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
     if oracle_losses is not None:  # forget quality: are the forget losses those of the oracle?
         out["forget_quality"] = ks_pvalue(out["forget_losses"], oracle_losses)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# ICU's text-similarity tests (unlearn.forgotten): is a continuation still the record's true suffix?
+
+
+def bleu(reference, candidate):
+    """Sentence BLEU as ICU's code computes it (himalalps/ICU, train_neo_meanwhile_update.py lines 184-186):
+    nltk's sentence_bleu([ref], cand): 1- to 4-grams weighted 1/4, brevity penalty, no smoothing (a missing
+    n-gram order gives ~0), on nltk.word_tokenize of the lowercased texts. nltk is imported here only.
+    One departure: word_tokenize first splits sentences with punkt, whose data (punkt_tab) is a download;
+    here sentences are split after . ! ? and a space, then each goes through the same Treebank tokenizer."""
+    import warnings
+    from nltk.tokenize import word_tokenize
+    from nltk.translate.bleu_score import sentence_bleu
+
+    def words(text):
+        return [w for s in re.split(r"(?<=[.!?])\s+", text.lower()) for w in word_tokenize(s, preserve_line=True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns for every pair without a common 4-gram: the forgotten ones
+        return float(sentence_bleu([words(reference)], words(candidate)))
+
+
+def have_bertscore(model_type="bert-base-uncased"):
+    """Are the bert_score package and the model's weights on this machine? They are never downloaded."""
+    if importlib.util.find_spec("bert_score") is None or importlib.util.find_spec("huggingface_hub") is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(model_type, "config.json"), str)
+
+
+def bertscore_f1(candidates, references, model_type="bert-base-uncased"):
+    """BERTScore F1 per pair (bert_score.score with its defaults, as ICU's utils.py line 81 calls it), or None
+    where it is not available offline (have_bertscore)."""
+    if not have_bertscore(model_type):
+        return None
+    from bert_score import score
+    return score(candidates, references, model_type=model_type)[2]
 
 
 # ----------------------------------------------------------------------------------------------------

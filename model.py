@@ -11,17 +11,24 @@ A handful of GPTConfig fields choose between them; nothing else knows the family
     and removed; adapters_off() switches every adapter off, so the model is its own θ0 reference;
   - from_pretrained() / save_pretrained(): transformers checkpoints (safetensors) in and out, without
     instantiating transformers' own model (the weights go straight into this one).
+  - mixed_precision() (fp32 master weights), and at the end what running on N processes under torchrun
+    needs (ranks, FSDP2 sharding, a batch shared among the ranks): unlearn.py imports them.
 """
 import json
 import math
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -484,8 +491,8 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
         folder = os.path.abspath(folder)
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        # the pid tells a later run whether this one still lives (unlearn.clean_leftovers); os.mkdir, unlike
-        # tempfile.mkdtemp (mode 0700), gives the folder the umask's permissions
+        # the pid tells a later run whether this one still lives (data/common.py's clean_leftovers); os.mkdir,
+        # unlike tempfile.mkdtemp (mode 0700), gives the folder the umask's permissions
         tmp = os.path.join(os.path.dirname(folder), f".saving-{os.getpid()}-{os.urandom(4).hex()}")
         os.mkdir(tmp)
         try:
@@ -612,3 +619,137 @@ def resolve(name_or_path):
     except Exception as e:  # noqa: BLE001 (offline, unknown id, gated repo, invalid name: all one answer)
         raise ValueError(f"cannot download {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}); "
                          f"pass a local folder with config.json and *.safetensors instead") from None
+
+
+# ----------------------------------------------------------------------------- mixed precision
+# (Micikevicius et al. 2018): what trains keeps fp32 master weights; unlearn.autocast sets the compute dtype
+
+
+def mixed_precision(model):
+    """The parameters that train, in fp32: master weights, and AdamW's moments follow their dtype (16 bytes a
+    trained parameter with its gradient). bf16 weights would round away any step below 2^-8 of the weight
+    (an AdamW step of lr 5e-6 on a weight of 0.01). The frozen ones stay in the run's dtype (the LoRA and
+    EUL base, θ0). Returns the trained parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # in place: tied weights (wte = lm_head) stay one parameter
+    return params
+
+
+# ----------------------------------------------------------------------------- running on N processes
+# `torchrun --nproc_per_node N unlearn.py ...` is the same command on N processes (ranks).
+# On one process every helper here is a no-op. Every rank reads θ0 itself (the checkpoint, or the cached
+# target that rank 0 trains alone first: main_first) and runs the same evaluation, so each has every metric;
+# the trained model is sharded by FSDP2 (full-weight methods: shard) or replicated (adapters, EUL's layers:
+# their gradients added up by sync_grads); each step's batch is split across the ranks (share); rank 0
+# alone prints and writes files.
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def dist_setup(device):
+    """Under torchrun (WORLD_SIZE > 1): one GPU per rank (nccl), or gloo on the CPU; ranks > 0 print nothing.
+    More ranks than GPUs is a ValueError (unlearn.py tells it as a mistake in the input)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n == 1:
+        return
+    if device.startswith("cuda"):
+        if n > torch.cuda.device_count():
+            raise ValueError(f"torchrun started {n} processes, but there are {torch.cuda.device_count()} GPUs: "
+                             f"--nproc_per_node at most {torch.cuda.device_count()}")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # a long timeout: the other ranks wait at a barrier while rank 0 trains the target (main_first)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (preparing the data, training and caching the target and the oracle: one
+    process, the others wait), then the other ranks, which find its files and read them."""
+    if rank() > 0:
+        dist.barrier()
+    yield
+    if rank() == 0 and world() > 1:
+        dist.barrier()
+
+
+def agree(value):
+    """Rank 0's value on every rank: the stopping rule's decisions, computed alike on every rank, must agree."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def share(batch):
+    """This rank's rows of a step's batch (rows rank, rank + N, ...). The losses divide by the whole batch's
+    token and row counts (whole()), and the ranks' gradients are added up, so a step is one process's step.
+    A rank left without rows (a batch smaller than N) computes one row with weight 0: every rank must run
+    the forward and backward, whose collectives FSDP waits for."""
+    mine = list(range(rank(), len(batch), world()))
+    part = batch.take(mine or [0])
+    part.whole = (int((batch.y != -100).sum()), len(batch))
+    part.weight = 1.0 if mine else 0.0
+    return part
+
+
+def whole(batch):
+    """(scored tokens, rows) of the batch a token or row mean divides by: the whole step's batch under torchrun."""
+    return getattr(batch, "whole", None) or (int((batch.y != -100).sum()), len(batch))
+
+
+def world_sum(x):
+    """A tensor summed over the ranks (the step's loss, its tokens)."""
+    if world() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
+def shard(model, dtype):
+    """FSDP2 for a full-weight run: one fully_shard per block, then the root, so that each rank holds 1/N of
+    the weights, gradients and AdamW moments and gathers one block's weights at a time. The compute runs in
+    `dtype` (the run's), gradients are reduced in fp32 and summed (each rank's loss is its share, share())."""
+    # cast_forward_inputs off: a cast would copy the KV caches, lists that the blocks fill in place (generate)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mixed_precision(model)  # fp32 master weights, sharded: FSDP's form of what unlearn() does on one process
+    for m in (*model.transformer.h, model):
+        fully_shard(m, mp_policy=policy)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a sum, then no division: gloo has no pre-scaled sum
+    return model
+
+
+def sync_grads(model, params):
+    """Replicated training (adapters): add up the ranks' gradients, one all-reduce. FSDP did it already."""
+    if world() == 1 or isinstance(model, FSDPModule):
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+def gathered(model):
+    """The whole model, for export: an FSDP model's full state dict gathered into a plain copy on rank 0's
+    CPU (a collective: every rank calls it; None on the others); a replicated model as it is."""
+    if not isinstance(model, FSDPModule):
+        return model
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() > 0:
+        return None
+    with torch.device("meta"):
+        plain = GPT(model.config)
+    plain.load_state_dict(sd, assign=True)
+    plain.tie()
+    plain.hf_config, plain.hf_generation_config = model.hf_config, model.hf_generation_config
+    return plain

@@ -1431,14 +1431,14 @@ def test_target_cache_keyed_by_checkpoint_content(tmp_path):
     cfg = unlearn.parse_args(["--init_from", folder])
     split = hand_split([[0, 1, 2, 3]], [4], [[]])
     before = unlearn.fingerprint(cfg, {}, [split])
-    sliced = unlearn.checkpoint_key(folder, whole=0, slices=4, slice_size=64)
+    sliced = unlearn.common.checkpoint_key(folder, whole=0, slices=4, slice_size=64)
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     tensors = {k: v + 0.01 for k, v in tensors.items()}  # other weights, same names, shapes and sizes
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     after = unlearn.fingerprint(cfg, {}, [split])
     assert after["weights"] != before["weights"] and {k: after[k] for k in ("data", "settings")} == \
         {k: before[k] for k in ("data", "settings")}
-    assert unlearn.checkpoint_key(folder, whole=0, slices=4, slice_size=64) != sliced
+    assert unlearn.common.checkpoint_key(folder, whole=0, slices=4, slice_size=64) != sliced
     assert unlearn.fingerprint(cfg, {}, [split]) == after  # the same files, the same key
 
 
@@ -1555,7 +1555,7 @@ def test_leftovers_of_killed_runs(tmp_path, monkeypatch, capsys):
     for path in leftovers:
         os.mkdir(path) if "saving" in path or path.endswith(".ga.4194311.tmp") else open(path, "w").close()
     open(mine, "w").close()
-    unlearn.clean_leftovers(str(tmp_path))
+    common.clean_leftovers(str(tmp_path))
     err = capsys.readouterr().err
     assert all(not os.path.exists(p) and f"removed {p}" in err for p in leftovers)
     assert os.path.exists(mine)  # a live run's (this one)
@@ -1750,12 +1750,12 @@ def test_epochs_over_retain_eul_order_and_neggrad_plus(tiny):
 def test_bleu_by_hand():
     """ICU's BLEU (nltk's sentence_bleu: 1-4-grams weighted 1/4, brevity penalty, no smoothing, lowercased
     Treebank words), against values worked out by hand."""
-    assert unlearn.bleu("The cat sat on the mat.", "the cat sat on the mat .") == pytest.approx(1.0)
+    assert metrics.bleu("The cat sat on the mat.", "the cat sat on the mat .") == pytest.approx(1.0)
     # candidate 5 words, reference 6: p1..p4 = 4/5, 3/4, 2/3, 1/2; brevity penalty exp(1 - 6/5)
     expect = np.exp(1 - 6 / 5) * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
-    assert unlearn.bleu("a b c d e f", "a b c d x") == pytest.approx(expect)
-    assert unlearn.bleu("a b c d", "a b c x") < 1e-10             # no common 4-gram: ~0 without smoothing
-    assert unlearn.bleu("a b c d", "") == 0.0
+    assert metrics.bleu("a b c d e f", "a b c d x") == pytest.approx(expect)
+    assert metrics.bleu("a b c d", "a b c x") < 1e-10             # no common 4-gram: ~0 without smoothing
+    assert metrics.bleu("a b c d", "") == 0.0
 
 
 def test_icu_forgotten_test_by_hand():

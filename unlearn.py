@@ -7,36 +7,33 @@ Unlearning for language models, end to end: take a model that memorized some rec
     python unlearn.py --method all --oracle    # every method on one cached target, with the oracle
 
 Read top to bottom: config, data, target model, losses, adapters (LoRA, FILA), the unlearning loop, then
-the methods of the other papers (ICU, EUL, RUM), running a method and main(); the metrics and the report's
-tables are in metrics.py.
+the methods of the other papers (ICU, EUL, RUM), running a method and main(). Beside it: the metrics and the
+report's tables in metrics.py, the helpers for running on N processes (torchrun) at the end of model.py,
+writing results.json and the exported model in data/common.py.
 Each function names its paper and equation.
 """
 import argparse
-import contextlib
 import copy
 import hashlib
-import importlib.util
 import inspect
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 import dataclasses
 from dataclasses import asdict, dataclass, fields
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule
 
 from kernels import grad_norms, grad_sq, linear_kl, linear_loss
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, mixed_precision  # model.py: the decoder, and running on N processes (torchrun)
+from model import agree, dist_setup, gathered, main_first, rank, shard, share, sync_grads, whole, world, world_sum
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared data format)
@@ -44,6 +41,7 @@ from common import Split, cat  # noqa: E402  (a split in memory: token rows and 
 from tofu.metrics import ks_pvalue  # noqa: E402  (data/tofu/metrics.py: TOFU's own metrics)
 from metrics import auc, evaluate, extraction, progress, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
 from metrics import HEADLINE, collapsed, comparison, get, report, stop_line  # noqa: E402  (and the report)
+from metrics import bertscore_f1, bleu, have_bertscore  # noqa: E402  (and ICU's text-similarity tests)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_PROBE = "Unlearning: 0123456789 café, naïve — 😀 <code>x = y[i] + 1</code>"  # same ids, same tokenizer
@@ -140,125 +138,6 @@ def boolean(text):
 
 class UserError(Exception):
     """A mistake in the input: main() prints it on one line and exits with status 1."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# distribution: `torchrun --nproc_per_node N unlearn.py ...` is the same command on N processes (ranks).
-# On one process every helper here is a no-op. Every rank reads θ0 itself (the checkpoint, or the cached
-# target that rank 0 trains alone first: main_first) and runs the same evaluation, so each has every metric;
-# the trained model is sharded by FSDP2 (full-weight methods: shard) or replicated (adapters, EUL's layers:
-# their gradients added up by sync_grads); each step's batch is split across the ranks (share); rank 0
-# alone prints and writes files.
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def dist_setup(cfg):
-    """Under torchrun (WORLD_SIZE > 1): one GPU per rank (nccl), or gloo on the CPU; ranks > 0 print nothing."""
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    if n == 1:
-        return
-    if cfg.device.startswith("cuda"):
-        if n > torch.cuda.device_count():
-            raise UserError(f"torchrun started {n} processes, but there are {torch.cuda.device_count()} GPUs: "
-                            f"--nproc_per_node at most {torch.cuda.device_count()}")
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # a long timeout: the other ranks wait at a barrier while rank 0 trains the target (main_first)
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (preparing the data, training and caching the target and the oracle: one
-    process, the others wait), then the other ranks, which find its files and read them."""
-    if rank() > 0:
-        dist.barrier()
-    yield
-    if rank() == 0 and world() > 1:
-        dist.barrier()
-
-
-def agree(value):
-    """Rank 0's value on every rank: the stopping rule's decisions, computed alike on every rank, must agree."""
-    if world() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def share(batch):
-    """This rank's rows of a step's batch (rows rank, rank + N, ...). The losses divide by the whole batch's
-    token and row counts (whole()), and the ranks' gradients are added up, so a step is one process's step.
-    A rank left without rows (a batch smaller than N) computes one row with weight 0: every rank must run
-    the forward and backward, whose collectives FSDP waits for."""
-    mine = list(range(rank(), len(batch), world()))
-    part = batch.take(mine or [0])
-    part.whole = (int((batch.y != -100).sum()), len(batch))
-    part.weight = 1.0 if mine else 0.0
-    return part
-
-
-def whole(batch):
-    """(scored tokens, rows) of the batch a token or row mean divides by: the whole step's batch under torchrun."""
-    return getattr(batch, "whole", None) or (int((batch.y != -100).sum()), len(batch))
-
-
-def world_sum(x):
-    """A tensor summed over the ranks (the step's loss, its tokens)."""
-    if world() > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-    return x
-
-
-def shard(model, cfg):
-    """FSDP2 for a full-weight run: one fully_shard per block, then the root, so that each rank holds 1/N of
-    the weights, gradients and AdamW moments and gathers one block's weights at a time. The compute runs in
-    the run's dtype, gradients are reduced in fp32 and summed (each rank's loss is its share, share())."""
-    # cast_forward_inputs off: a cast would copy the KV caches, lists that the blocks fill in place (generate)
-    policy = MixedPrecisionPolicy(param_dtype=model_dtype(cfg), reduce_dtype=torch.float32, cast_forward_inputs=False)
-    mixed_precision(model)  # fp32 master weights, sharded: FSDP's form of what unlearn() does on one process
-    for m in (*model.transformer.h, model):
-        fully_shard(m, mp_policy=policy)
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)  # a sum, then no division: gloo has no pre-scaled sum
-    return model
-
-
-def sync_grads(model, params):
-    """Replicated training (adapters): add up the ranks' gradients, one all-reduce. FSDP did it already."""
-    if world() == 1 or isinstance(model, FSDPModule):
-        return
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
-
-
-def gathered(model):
-    """The whole model, for export: an FSDP model's full state dict gathered into a plain copy on rank 0's
-    CPU (a collective: every rank calls it; None on the others); a replicated model as it is."""
-    if not isinstance(model, FSDPModule):
-        return model
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank() > 0:
-        return None
-    with torch.device("meta"):
-        plain = GPT(model.config)
-    plain.load_state_dict(sd, assign=True)
-    plain.tie()
-    plain.hf_config, plain.hf_generation_config = model.hf_config, model.hf_generation_config
-    return plain
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,40 +267,20 @@ def train(model, data, holdout, cfg, name, watch=None):
 
 def fingerprint(cfg, meta, splits):
     """What a cached model depends on, in three parts, so that a mismatch can say which changed and retrain:
-    its training data, its training settings, and the weights it starts from (checkpoint_key)."""
+    its training data, its training settings, and the weights it starts from (common.checkpoint_key)."""
     h = hashlib.sha256()
     for s in splits:
         h.update(s.rows.cpu().numpy().tobytes() + s.kind.cpu().numpy().tobytes())
     keys = ("init_from", "dtype", "n_layer", "n_head", "n_embd", "train_lr", "train_batch", "train_epochs", "patience", "seed")
     settings = hashlib.sha256(json.dumps([getattr(cfg, k) for k in keys] + [meta.get("forget_repeats", 1)]).encode())
-    return dict(data=h.hexdigest()[:16], settings=settings.hexdigest()[:16],
-                weights="scratch" if cfg.init_from == "scratch" else checkpoint_key(cfg.init_from))
-
-
-def checkpoint_key(name, whole=2**30, slices=64, slice_size=2**20):
-    """A hash of a checkpoint's files (config.json, the shard index, every *.safetensors), so that a checkpoint
-    replaced at the same path is seen. A weights file up to `whole` bytes is hashed whole; a larger one by its
-    size, its header (names, shapes, dtypes, offsets) and `slices` slices spread evenly over it: 64 MiB read
-    for a 16 GB file instead of 16 GB, and new weights change every slice (an edit that misses all 64 would be missed)."""
-    from model import resolve
-    try:
-        folder = resolve(name)
-    except ValueError as e:
-        raise UserError(str(e))
-    h = hashlib.sha256()
-    for file in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json"))):
-        size = os.path.getsize(os.path.join(folder, file))
-        h.update(f"{file} {size}\n".encode())
-        with open(os.path.join(folder, file), "rb") as f:
-            if size <= whole or file.endswith(".json"):
-                h.update(f.read())
-                continue
-            header = int.from_bytes(f.read(8), "little")  # safetensors: 8-byte length, then the JSON header
-            h.update(f.read(header))
-            for k in range(slices):
-                f.seek(k * (size - slice_size) // (slices - 1))
-                h.update(f.read(slice_size))
-    return h.hexdigest()[:16]
+    weights = "scratch"
+    if cfg.init_from != "scratch":
+        from model import resolve
+        try:
+            weights = common.checkpoint_key(resolve(cfg.init_from))
+        except ValueError as e:
+            raise UserError(str(e))
+    return dict(data=h.hexdigest()[:16], settings=settings.hexdigest()[:16], weights=weights)
 
 
 def model_dtype(cfg):
@@ -433,7 +292,7 @@ def model_dtype(cfg):
 
 
 # Mixed precision (Micikevicius et al. 2018), in two places: autocast(cfg) chooses the compute dtype of the whole
-# run (main() enters it once), mixed_precision(model) makes the parameters about to be trained fp32.
+# run (main() enters it once), mixed_precision(model) (model.py) makes the parameters about to be trained fp32.
 
 
 def autocast(cfg):
@@ -442,17 +301,6 @@ def autocast(cfg):
     optimizer steps, and a cached bf16 copy of a weight would not see them."""
     device = cfg.device.split(":")[0]
     return torch.autocast(device, dtype=torch.bfloat16, enabled=model_dtype(cfg) == torch.bfloat16, cache_enabled=False)
-
-
-def mixed_precision(model):
-    """The parameters that train, in fp32: master weights, and AdamW's moments follow their dtype (16 bytes a
-    trained parameter with its gradient). bf16 weights would round away any step below 2^-8 of the weight
-    (an AdamW step of lr 5e-6 on a weight of 0.01). The frozen ones stay in the run's dtype (the LoRA and
-    EUL base, θ0). Returns the trained parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # in place: tied weights (wte = lm_head) stay one parameter
-    return params
 
 
 def check_checkpoint(name):
@@ -954,40 +802,6 @@ def loss_icu(model, ref, f, a, cfg, alpha=0.5, beta=1.0):
     return -nll(model, f) + alpha * nll(model, a) + beta * kl_to_ref(model, ref, a)
 
 
-def bleu(reference, candidate):
-    """Sentence BLEU as ICU's code computes it (himalalps/ICU, train_neo_meanwhile_update.py lines 184-186):
-    nltk's sentence_bleu([ref], cand): 1- to 4-grams weighted 1/4, brevity penalty, no smoothing (a missing
-    n-gram order gives ~0), on nltk.word_tokenize of the lowercased texts. nltk is imported here only.
-    One departure: word_tokenize first splits sentences with punkt, whose data (punkt_tab) is a download;
-    here sentences are split after . ! ? and a space, then each goes through the same Treebank tokenizer."""
-    import warnings
-    from nltk.tokenize import word_tokenize
-    from nltk.translate.bleu_score import sentence_bleu
-
-    def words(text):
-        return [w for s in re.split(r"(?<=[.!?])\s+", text.lower()) for w in word_tokenize(s, preserve_line=True)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # nltk warns for every pair without a common 4-gram: the forgotten ones
-        return float(sentence_bleu([words(reference)], words(candidate)))
-
-
-def have_bertscore(model_type="bert-base-uncased"):
-    """Are the bert_score package and the model's weights on this machine? They are never downloaded."""
-    if importlib.util.find_spec("bert_score") is None or importlib.util.find_spec("huggingface_hub") is None:
-        return False
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(model_type, "config.json"), str)
-
-
-def bertscore_f1(candidates, references, model_type="bert-base-uncased"):
-    """BERTScore F1 per pair (bert_score.score with its defaults, as ICU's utils.py line 81 calls it), or None
-    where it is not available offline (have_bertscore)."""
-    if not have_bertscore(model_type):
-        return None
-    from bert_score import score
-    return score(candidates, references, model_type=model_type)[2]
-
-
 def icu_cuts(split, suffix_len=50):
     """Where each row's prefix ends and its suffix begins. A row with secrets (people): at its first secret,
     so the prefix is the record up to the phone number and the suffix the rest of the record, secrets and
@@ -1364,7 +1178,7 @@ def run_method(method, target, data, meta, cfg, stop, oracle=None, oracle_losses
     model = target if in_place and cfg.method != "all" and cfg.seeds == 1 else copy.deepcopy(target)
     model.checkpointing = cfg.checkpointing and not in_place
     if world() > 1 and not in_place:  # torchrun: the trained copy sharded (adapter runs replicate their model)
-        model = shard(model, cfg)
+        model = shard(model, model_dtype(cfg))
     forget, retain = data["forget"], data["retain"]
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -1403,20 +1217,6 @@ def run_method(method, target, data, meta, cfg, stop, oracle=None, oracle_losses
     if per_request:
         out["requests"] = per_request
     return out, model
-
-
-def write_json(path, obj):
-    """Written whole to a temporary file, then renamed: never a half-written results.json. A metric a model
-    has no value for (NaN) is written as null: strict JSON, what other tools parse."""
-    def strict(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        return {k: strict(v) for k, v in o.items()} if isinstance(o, dict) else \
-            [strict(v) for v in o] if isinstance(o, (list, tuple)) else o
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(common.tmp_name(path), "w") as f:
-        json.dump(strict(obj), f, indent=1, allow_nan=False)
-    os.replace(common.tmp_name(path), path)
 
 
 def validate(cfg):
@@ -1478,67 +1278,6 @@ def thresholds_for(meta, before, cfg):
     if "holdout" in before:
         return {"ma": before["holdout"]["ma"], "el10": max(before["holdout"]["el10"], 1e-3), "source": "holdout"}
     return None
-
-
-def export(model, tok, folder):
-    """The unlearned model and its tokenizer as a transformers folder (lm-evaluation-harness, vLLM, ...);
-    tiktoken's GPT-2 BPE is written as transformers' GPT-2 tokenizer (common.save_tokenizer)."""
-    try:
-        model.save_pretrained(folder)
-    except ValueError as e:  # EUL's unlearning layers have no place in the checkpoint's architecture
-        print(f"not exported: {e}")
-        return False
-    common.save_tokenizer(tok, folder)
-    return True
-
-
-def publish(out_dir, method, res, model=None, tok=None):
-    """<out_dir>/<method>/: results.json and, from a checkpoint, model/ (the unlearned model and its tokenizer),
-    landing together or not at all: both are written into one temporary folder that then takes the method
-    folder's place (the previous one is moved aside first and deleted after). What a killed run leaves
-    (names with its pid) is removed by the next run (clean_leftovers)."""
-    final = os.path.join(out_dir, method)
-    tmp, old = common.tmp_name(os.path.join(out_dir, f".{method}")), common.tmp_name(os.path.join(out_dir, f".{method}.old"))
-    os.mkdir(tmp)  # the umask's permissions
-    try:
-        if model is not None:
-            res["model_dir"] = os.path.join(final, "model") if export(model, tok, os.path.join(tmp, "model")) else None
-        write_json(os.path.join(tmp, "results.json"), res)
-        if os.path.exists(final):
-            os.rename(final, old)
-        os.rename(tmp, final)
-    except BaseException:
-        if os.path.exists(old) and not os.path.exists(final):
-            os.rename(old, final)  # the previous run's folder, as it was
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    print(f"wrote {final}/results.json" + (" and model/" if res.get("model_dir") else ""))
-
-
-def clean_leftovers(out_dir):
-    """Temporary files and folders of runs into out_dir that were killed (the pid in their name is gone; GPT.
-    save_pretrained's .saving-<pid>-*): removed, one line each. A live run's are left alone."""
-    for folder in [out_dir] + [e.path for e in os.scandir(out_dir) if e.is_dir() and not e.name.startswith(".")]:
-        for name in os.listdir(folder):
-            m = re.fullmatch(r".*\.(\d+)\.tmp(\.npz)?|\.saving-((\d+)-)?.*", name)
-            if m is None or pid_alive(int(m[1] or m[4] or 0)):
-                continue
-            path = os.path.join(folder, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
-
-
-def pid_alive(pid):
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def plan(cfg, meta, data):
@@ -1682,7 +1421,7 @@ def run(cfg):
         summary[method] = runs
         if rank() > 0:  # rank 0 alone writes
             continue
-        publish(cfg.out_dir, method, res, *((exported, tok) if cfg.init_from != "scratch" else ()))  # with its results.json
+        common.publish(cfg.out_dir, method, res, *((exported, tok) if cfg.init_from != "scratch" else ()))  # with its results.json
         print(report(method, res, before, columns.get("oracle"), stop, cfg.el_n))
         secrets = res["after"]["forget"].get("secrets", [])
         still = [f"{x['secret'].strip()!r} ({'line ' + str(x['line']) if 'line' in x else 'row ' + str(x['row'])})"
@@ -1714,9 +1453,12 @@ def main(argv=None):
     except OSError as e:
         print(f"error: cannot write to --out_dir {cfg.out_dir}: {e.strerror}", file=sys.stderr)
         sys.exit(1)
-    clean_leftovers(cfg.out_dir)
+    common.clean_leftovers(cfg.out_dir)
     try:
-        dist_setup(cfg)
+        try:
+            dist_setup(cfg.device)
+        except ValueError as e:  # more processes than GPUs
+            raise UserError(str(e))
         validate(cfg)  # before autocast() reads --device and --dtype
         with autocast(cfg):  # the compute dtype of the whole run (mixed_precision: what trains stays fp32)
             return run(cfg)

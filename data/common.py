@@ -29,14 +29,19 @@ invalid JSON, a missing or empty file is an error naming the file and line. Reco
 model's tokenizer and cached under <data_dir>/jsonl/<folder>-<key>/, key a hash of the files and the tokenizer
 (another file content or tokenizer: prepared again). Records are never truncated: unlearn.py stops with the
 first too long one (file and line) when the model's context is shorter.
+
+At the end, the files unlearn.py writes: results.json and the exported model, landing together or not at all
+(publish), what killed runs left (clean_leftovers), and a checkpoint's content key for the cached target.
 """
 import bisect
 import copy
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -253,7 +258,7 @@ def encode_segments(tok, segments):
 
 def tmp_name(path):
     """A temporary name beside `path` that no other process uses (two runs may share a folder); the pid in it
-    tells a later run whether its writer is still alive (unlearn.py cleans up after dead ones)."""
+    tells a later run whether its writer is still alive (clean_leftovers removes what dead ones left)."""
     return f"{path}.{os.getpid()}.tmp"
 
 
@@ -540,3 +545,105 @@ def cat(*splits):
     new.lengths = torch.cat([s.lengths for s in splits])
     new.events = None
     return new
+
+
+# ----------------------------------------------------------------------------------------------------
+# what unlearn.py writes and caches: results written whole or not at all, the leftovers of killed runs
+# removed, and the key that tells a cached target that its checkpoint changed
+
+
+def checkpoint_key(folder, whole=2**30, slices=64, slice_size=2**20):
+    """A hash of a checkpoint folder's files (config.json, the shard index, every *.safetensors), so that a
+    checkpoint replaced at the same path is seen. A weights file up to `whole` bytes is hashed whole; a larger
+    one by its size, its header (names, shapes, dtypes, offsets) and `slices` slices spread evenly over it:
+    64 MiB read for a 16 GB file instead of 16 GB, and new weights change every slice (an edit that misses all
+    64 would be missed)."""
+    h = hashlib.sha256()
+    for file in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json"))):
+        size = os.path.getsize(os.path.join(folder, file))
+        h.update(f"{file} {size}\n".encode())
+        with open(os.path.join(folder, file), "rb") as f:
+            if size <= whole or file.endswith(".json"):
+                h.update(f.read())
+                continue
+            header = int.from_bytes(f.read(8), "little")  # safetensors: 8-byte length, then the JSON header
+            h.update(f.read(header))
+            for k in range(slices):
+                f.seek(k * (size - slice_size) // (slices - 1))
+                h.update(f.read(slice_size))
+    return h.hexdigest()[:16]
+
+
+def write_json(path, obj):
+    """Written whole to a temporary file, then renamed: never a half-written results.json. A metric a model
+    has no value for (NaN) is written as null: strict JSON, what other tools parse."""
+    def strict(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return {k: strict(v) for k, v in o.items()} if isinstance(o, dict) else \
+            [strict(v) for v in o] if isinstance(o, (list, tuple)) else o
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp_name(path), "w") as f:
+        json.dump(strict(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp_name(path), path)
+
+
+def export(model, tok, folder):
+    """The unlearned model and its tokenizer as a transformers folder (lm-evaluation-harness, vLLM, ...);
+    tiktoken's GPT-2 BPE is written as transformers' GPT-2 tokenizer (save_tokenizer)."""
+    try:
+        model.save_pretrained(folder)
+    except ValueError as e:  # EUL's unlearning layers have no place in the checkpoint's architecture
+        print(f"not exported: {e}")
+        return False
+    save_tokenizer(tok, folder)
+    return True
+
+
+def publish(out_dir, method, res, model=None, tok=None):
+    """<out_dir>/<method>/: results.json and, from a checkpoint, model/ (the unlearned model and its tokenizer),
+    landing together or not at all: both are written into one temporary folder that then takes the method
+    folder's place (the previous one is moved aside first and deleted after). What a killed run leaves
+    (names with its pid) is removed by the next run (clean_leftovers)."""
+    final = os.path.join(out_dir, method)
+    tmp, old = tmp_name(os.path.join(out_dir, f".{method}")), tmp_name(os.path.join(out_dir, f".{method}.old"))
+    os.mkdir(tmp)  # the umask's permissions
+    try:
+        if model is not None:
+            res["model_dir"] = os.path.join(final, "model") if export(model, tok, os.path.join(tmp, "model")) else None
+        write_json(os.path.join(tmp, "results.json"), res)
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        if os.path.exists(old) and not os.path.exists(final):
+            os.rename(old, final)  # the previous run's folder, as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {final}/results.json" + (" and model/" if res.get("model_dir") else ""))
+
+
+def clean_leftovers(out_dir):
+    """Temporary files and folders of runs into out_dir that were killed (the pid in their name is gone; GPT.
+    save_pretrained's .saving-<pid>-*): removed, one line each. A live run's are left alone."""
+    for folder in [out_dir] + [e.path for e in os.scandir(out_dir) if e.is_dir() and not e.name.startswith(".")]:
+        for name in os.listdir(folder):
+            m = re.fullmatch(r".*\.(\d+)\.tmp(\.npz)?|\.saving-((\d+)-)?.*", name)
+            if m is None or pid_alive(int(m[1] or m[4] or 0)):
+                continue
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+
+
+def pid_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
