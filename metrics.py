@@ -130,6 +130,16 @@ def auc(members, nonmembers):
     return float((a > b).mean() + 0.5 * (a == b).mean())
 
 
+def member_scores(stats, split, kind=None):
+    """The LOSS attack's membership score per sample (higher = more likely trained on): minus its mean NLL, or
+    with `kind` (common.SECRET, ...) minus the mean NLL of its tokens of that kind, for the samples holding one."""
+    if kind is None:
+        return (-stats["loss_per"]).cpu().numpy()
+    mask = split.kind[:, 1:] == kind
+    has = mask.any(1)
+    return ((stats["logp"] * mask).sum(1)[has] / mask.sum(1)[has]).cpu().numpy()
+
+
 def mia_scores(stats, split, texts, k=0.2):
     """Membership scores, higher = more likely trained on: LOSS (-NLL), zlib (-log-likelihood over the
     zlib-compressed length of the text, Carlini et al. 2021), Min-K% (mean of the k lowest token
@@ -330,7 +340,8 @@ def stop_line(stop, el_n=10):
     if stop["rule"] == "rule":
         return f"stopping rule{source}: forget MA < {stop['ma']:.4f} and EL{el_n} < {stop['el10']:.4f}"
     if stop["rule"] == "mia":
-        return f"stopping rule{source}: MIA AUC (LOSS, forget vs holdout) <= {stop['auc']:.4f}"
+        on = ", secret tokens" if stop.get("tokens") == "secret" else ""
+        return f"stopping rule{source}: MIA AUC (LOSS, forget vs holdout{on}) <= {stop['auc']:.4f}"
     return f"stopping rule: none, the whole budget of {stop['epochs']} epochs"
 
 def get(d, *keys):

@@ -1091,6 +1091,30 @@ def test_stop_mia_stops_when_the_auc_crosses(tiny):
     assert res_before["stopped_by"] == "budget" and auc_before > level  # one epoch earlier: not yet
 
 
+def test_stop_mia_on_secret_tokens(tiny):
+    """--stop mia with --forget_tokens secret: the level is the oracle's AUC on secret tokens + 0.05, and the
+    check's AUC is the evaluation's `loss_secret` AUC (forget vs holdout on their secret tokens alone), not the
+    all-token one; the check holds just above that AUC and not at it minus a hair."""
+    import dataclasses
+    cfg, data, target = tiny["cfg"], tiny["data"], tiny["target"]
+    c = dataclasses.replace(cfg, stop="mia", forget_tokens="secret")
+    oracle = {"mia_auc": {"loss": 0.3, "loss_secret": 0.4}}
+    stop = unlearn.stopping_rule(c, None, data, oracle)
+    assert (stop["tokens"], stop["auc"]) == ("secret", 0.45) and "secret tokens" in metrics.stop_line(stop)
+    assert unlearn.stopping_rule(dataclasses.replace(c, forget_tokens="all"), None, data, oracle)["auc"] == 0.3 + 0.05
+    model = __import__("copy").deepcopy(target)  # two epochs of ascent on the secrets: the two attacks disagree
+    unlearn.unlearn(model, target, [unlearn.loss_ga], data["forget"], data["retain"],
+                    dataclasses.replace(c, batch_size=len(data["forget"])), {"rule": "budget"}, 1e-2, 2)
+    stats = {s: metrics.split_stats(model, data[s]) for s in ("forget", "holdout")}
+    texts = {s: [""] * len(data[s]) for s in ("forget", "holdout")}
+    f, h = (metrics.mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
+    secret = metrics.auc(f["loss_secret"][~np.isnan(f["loss_secret"])], h["loss_secret"][~np.isnan(h["loss_secret"])])
+    assert abs(secret - metrics.auc(f["loss"], h["loss"])) > 1e-3  # the two attacks differ on this model
+    for level, done in ((secret + 1e-6, True), (secret - 1e-6, False)):
+        ok, line = unlearn.forget_check(model, data["forget"], dict(stop, auc=level), c)
+        assert ok == done and f"MIA AUC secret {secret:.3f}" in line
+
+
 @pytest.mark.parametrize("method", ["ga", "npo", "simnpo", "ih", "rmu", "icu", "ih_flora"])
 def test_forget_tokens_secret_leaves_other_tokens_without_gradient(tiny, method):
     """--forget_tokens secret: in every forward of a forget batch with gradients (the forgetting term; FILA's

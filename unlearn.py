@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dat
 import common  # noqa: E402  (data/common.py: tokenizers and the prepared data format)
 from common import Split, cat  # noqa: E402  (a split in memory: token rows and what each position holds)
 from tofu.metrics import ks_pvalue  # noqa: E402  (data/tofu/metrics.py: TOFU's own metrics)
-from metrics import auc, evaluate, extraction, progress, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
+from metrics import auc, evaluate, extraction, member_scores, progress, split_stats  # noqa: E402  (metrics.py: MA, EL, MIA, fluency)
 from metrics import HEADLINE, collapsed, comparison, get, report, stop_line  # noqa: E402  (and the report)
 from metrics import bertscore_f1, bleu, have_bertscore  # noqa: E402  (and ICU's text-similarity tests)
 
@@ -597,16 +597,18 @@ def forget_check(model, forget, stop, cfg):
               comparison (joeljang/knowledge-unlearning, models/Neo_Model.py line 647:
               `ma < ma_threshold and el < el_threshold`); EL only when MA passes: generation is the costly part
       mia     the forget records look unseen: the LOSS attack's AUC, forget against holdout (one forward pass
-              of each), at most stop["auc"] (the oracle's AUC + 0.05, or 0.55 without an oracle)
+              of each), at most stop["auc"] (the oracle's AUC + 0.05, or 0.55 without an oracle); with
+              --forget_tokens secret on the secret tokens alone, what the run was asked to make unseen
       budget  never: every epoch of --epochs runs (TOFU's protocol)"""
     stats = split_stats(model, forget)
     line = f"forget MA {stats['ma']:.3f}"
     if stop["rule"] == "budget":
         return False, line
     if stop["rule"] == "mia":
-        held = split_stats(model, stop["holdout"])["loss_per"]
-        auc_ = auc(-stats["loss_per"].cpu().numpy(), -held.cpu().numpy())
-        return agree(auc_ <= stop["auc"]), f"{line} | MIA AUC {auc_:.3f}"
+        kind = common.SECRET if stop.get("tokens") == "secret" else None
+        scores = [member_scores(s, split, kind) for s, split in ((stats, forget), (split_stats(model, stop["holdout"]), stop["holdout"]))]
+        auc_ = auc(*scores)
+        return agree(auc_ <= stop["auc"]), f"{line} | MIA AUC{' secret' if kind else ''} {auc_:.3f}"
     # the EL its threshold belongs to: Jang's (prefixes from 1), or ICU's own on TDEC (from 150, el_first)
     el = extraction(model, forget, cfg.el_n, stop.get("el_first", 1))[0].mean().item() \
         if stats["ma"] < stop["ma"] else float("nan")
@@ -626,10 +628,15 @@ def stopping_rule(cfg, thresholds, data, oracle):
         return dict(rule="budget", epochs=cfg.epochs)
     if cfg.stop == "rule":
         return dict(rule="rule", **thresholds)
+    # --forget_tokens secret: the attack on the secret tokens alone (RESULTS.md: on all tokens the run stops
+    # with the secrets overshot, less likely than unseen ones: AUC 0.31-0.38 against the oracle's 0.46)
+    tokens = "secret" if cfg.forget_tokens == "secret" else "all"
+    on = " on secret tokens" if tokens == "secret" else ""
     if oracle is not None:  # the level membership inference reaches on a model that never saw the forget set
-        return dict(rule="mia", auc=oracle["mia_auc"]["loss"] + 0.05, source="the oracle's LOSS AUC + 0.05",
-                    holdout=data["holdout"])
-    return dict(rule="mia", auc=0.55, source="no oracle: 0.55", holdout=data["holdout"])
+        key = "loss_secret" if tokens == "secret" else "loss"
+        return dict(rule="mia", auc=oracle["mia_auc"][key] + 0.05, source=f"the oracle's LOSS AUC{on} + 0.05",
+                    tokens=tokens, holdout=data["holdout"])
+    return dict(rule="mia", auc=0.55, source=f"no oracle: 0.55{on}", tokens=tokens, holdout=data["holdout"])
 
 
 def unlearn(model, ref, loss_fns, forget, retain, cfg, stop, lr, epochs, name="", pairs=None, refine=None,
@@ -1293,7 +1300,8 @@ def plan(cfg, meta, data):
     elif cfg.stop == "budget":
         stop = "none, the whole budget (--stop budget)"
     elif cfg.stop == "mia":
-        stop = ("the LOSS attack's AUC, forget vs holdout, at most " +
+        stop = ("the LOSS attack's AUC, forget vs holdout" + (" on secret tokens" if cfg.forget_tokens == "secret" else "")
+                + ", at most " +
                 ("the oracle's + 0.05" if cfg.oracle or cfg.oracle_from or cfg.method in ("all", "rum") else "0.55"))
     elif cfg.ma_threshold:
         stop = f"forget MA < {cfg.ma_threshold} and EL{cfg.el_n} < {cfg.el_threshold} (--ma_threshold / --el_threshold)"
