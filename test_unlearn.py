@@ -1186,7 +1186,7 @@ def test_stop_rule_name_and_level_in_results(tiny, tmp_path):
     shutil.copytree(tiny["root"] / "out", out)
     unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "ga", "--stop", "mia"])
     res = json.load(open(out / "ga" / "results.json"))
-    assert res["stop"] == {"rule": "mia", "auc": 0.55, "source": "no oracle: 0.55"}
+    assert res["stop"] == {"rule": "mia", "auc": 0.55, "source": "no oracle: 0.55", "tokens": "all"}
     assert res["stopped_by"] in ("mia", "budget") and (res["stopped_by"] == "mia") == (res["after"]["mia_auc"]["loss"] <= 0.55)
     unlearn.main(tiny["argv"] + ["--out_dir", str(out), "--method", "ga", "--stop", "budget", "--epochs", "2",
                                  "--batch_size", "4"])
