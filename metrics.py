@@ -144,18 +144,17 @@ def mia_scores(stats, split, texts, k=0.2):
     """Membership scores, higher = more likely trained on: LOSS (-NLL), zlib (-log-likelihood over the
     zlib-compressed length of the text, Carlini et al. 2021), Min-K% (mean of the k lowest token
     log-probabilities, Shi et al. 2024), and LOSS on each kind of token alone (template text, facts,
-    secrets; NaN for a sample without that kind): which part of a record gives its membership away."""
+    secrets; over the samples holding that kind): which part of a record gives its membership away."""
     lp, count = stats["logp"], stats["count"]
     mink = []
     for row, y in zip(lp, split.y != -100):
         c = int(y.sum())
         mink.append(row[y].sort().values[:max(1, int(k * c))].mean().item())
     zl = np.array([len(zlib.compress(t.encode())) for t in texts])
-    out = {"loss": (-stats["loss_per"]).cpu().numpy(), "zlib": lp.sum(1).cpu().numpy() / zl, "mink": np.array(mink)}
+    out = {"loss": member_scores(stats, split), "zlib": lp.sum(1).cpu().numpy() / zl, "mink": np.array(mink)}
     for name, kind in KINDS:
-        mask = split.kind[:, 1:] == kind
-        if mask.any():
-            out[f"loss_{name}"] = ((lp * mask).sum(1) / mask.sum(1)).cpu().numpy()  # 0/0: NaN
+        if (split.kind[:, 1:] == kind).any():
+            out[f"loss_{name}"] = member_scores(stats, split, kind)
     return out
 
 
@@ -277,8 +276,7 @@ def evaluate(model, data, cfg, meta, judge=None, oracle_losses=None, oracle_tofu
         texts = {s: [meta["decode"](r[data[s].start:l]) for r, l in zip(data[s].rows.tolist(), data[s].lengths.tolist())]
                  for s in ("forget", "holdout")}
         mf, mh = (mia_scores(stats[s], data[s], texts[s]) for s in ("forget", "holdout"))
-        known = lambda v: v[~np.isnan(v)]  # a per-kind score exists for the samples holding that kind
-        out["mia_auc"] = {k: auc(known(mf[k]), known(mh[k])) for k in mf if k in mh and len(known(mf[k])) and len(known(mh[k]))}
+        out["mia_auc"] = {k: auc(mf[k], mh[k]) for k in mf if k in mh and len(mf[k]) and len(mh[k])}
     if meta.get("record_template"):
         level = real_nll(judge, data["holdout"]) if judge is not None else None
         out["fluency"] = {s: fluency(model, judge, data[s], meta, level) for s in ("forget", "holdout")}
