@@ -605,9 +605,8 @@ def forget_check(model, forget, stop, cfg):
     if stop["rule"] == "budget":
         return False, line
     if stop["rule"] == "mia":
-        kind = common.SECRET if stop.get("tokens") == "secret" else None
-        scores = [member_scores(s, split, kind) for s, split in ((stats, forget), (split_stats(model, stop["holdout"]), stop["holdout"]))]
-        auc_ = auc(*scores)
+        kind, held = common.SECRET if stop.get("tokens") == "secret" else None, stop["holdout"]
+        auc_ = auc(member_scores(stats, forget, kind), member_scores(split_stats(model, held), held, kind))
         return agree(auc_ <= stop["auc"]), f"{line} | MIA AUC{' secret' if kind else ''} {auc_:.3f}"
     # the EL its threshold belongs to: Jang's (prefixes from 1), or ICU's own on TDEC (from 150, el_first)
     el = extraction(model, forget, cfg.el_n, stop.get("el_first", 1))[0].mean().item() \
@@ -630,8 +629,7 @@ def stopping_rule(cfg, thresholds, data, oracle):
         return dict(rule="rule", **thresholds)
     # --forget_tokens secret: the attack on the secret tokens alone (RESULTS.md: on all tokens the run stops
     # with the secrets overshot, less likely than unseen ones: AUC 0.31-0.38 against the oracle's 0.46)
-    tokens = "secret" if cfg.forget_tokens == "secret" else "all"
-    on = " on secret tokens" if tokens == "secret" else ""
+    tokens, on = cfg.forget_tokens, " on secret tokens" if cfg.forget_tokens == "secret" else ""
     if oracle is not None:  # the level membership inference reaches on a model that never saw the forget set
         key = "loss_secret" if tokens == "secret" else "loss"
         return dict(rule="mia", auc=oracle["mia_auc"][key] + 0.05, source=f"the oracle's LOSS AUC{on} + 0.05",
