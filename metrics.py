@@ -145,7 +145,7 @@ def mia_scores(stats, split, texts, k=0.2):
     zlib-compressed length of the text, Carlini et al. 2021), Min-K% (mean of the k lowest token
     log-probabilities, Shi et al. 2024), and LOSS on each kind of token alone (template text, facts,
     secrets; over the samples holding that kind): which part of a record gives its membership away."""
-    lp, count = stats["logp"], stats["count"]
+    lp = stats["logp"]
     mink = []
     for row, y in zip(lp, split.y != -100):
         c = int(y.sum())
@@ -341,6 +341,7 @@ def stop_line(stop, el_n=10):
         on = ", secret tokens" if stop.get("tokens") == "secret" else ""
         return f"stopping rule{source}: MIA AUC (LOSS, forget vs holdout{on}) <= {stop['auc']:.4f}"
     return f"stopping rule: none, the whole budget of {stop['epochs']} epochs"
+
 
 def get(d, *keys):
     """d[k1][k2]..., NaN where a dataset has no such metric (no holdout: no MIA; no template: no fluency)."""
